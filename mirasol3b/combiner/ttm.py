@@ -1,0 +1,76 @@
+"""Token Turing Machine Combiner: a memory read and written with TokenLearner, carried over snippets.
+
+One step, memory M (memory_size tokens), this snippet's tokens I:
+  read     Z  = TokenLearner_m([M | I])
+  process  O  = transformer(Z)          -> the snippet's m combined tokens
+  write    M' = TokenLearner_mem([M | I | O])
+The memory starts at zeros and flows from snippet t to t+1 only, so outputs stay causal in time.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mirasol3b.combiner.token_learner import TokenLearner
+from mirasol3b.layers import LearnedPositions, TransformerSpec, TransformerStack
+
+
+class _TTMStep(nn.Module):
+    """(memory [batch, memory_size, width], (tokens [batch, tokens, width], valid [batch]))
+    -> (memory', outputs [batch, num_outputs, width])."""
+
+    spec: TransformerSpec
+    num_outputs: int
+    memory_size: int
+    token_learner_hidden: int
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, memory: jax.Array, inputs: tuple[jax.Array, jax.Array]):
+        tokens, valid = inputs
+        s = self.spec
+        learner = lambda n, name: TokenLearner(n, self.token_learner_hidden, dtype=s.compute_dtype,  # noqa: E731
+                                               param_dtype=s.weight_dtype, name=name)
+        positions = lambda n, name: LearnedPositions(n, param_dtype=s.weight_dtype, name=name)  # noqa: E731
+
+        read_in = jnp.concatenate([memory, tokens], axis=1)
+        read_in = positions(read_in.shape[1], "read_positions")(read_in)
+        z = learner(self.num_outputs, "read")(read_in, deterministic=self.deterministic)
+        out = TransformerStack(s, name="process")(z, deterministic=self.deterministic)
+
+        write_in = jnp.concatenate([memory, tokens, out], axis=1)
+        write_in = positions(write_in.shape[1], "write_positions")(write_in)
+        new_memory = learner(self.memory_size, "write")(write_in, deterministic=self.deterministic)
+        # A padded snippet leaves the memory as it was.
+        new_memory = jnp.where(valid[:, None, None], new_memory, memory)
+        return new_memory, out
+
+
+class TTMCombiner(nn.Module):
+    """`tokens [batch, snippets, tokens, width]`, `media_mask [batch, snippets]`
+    -> `[batch, snippets, num_outputs, width]`."""
+
+    spec: TransformerSpec
+    num_outputs: int
+    memory_size: int
+    token_learner_hidden: int
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, media_mask: jax.Array | None = None, *,
+                 deterministic: bool = True) -> jax.Array:
+        b, t = tokens.shape[:2]
+        if media_mask is None:
+            media_mask = jnp.ones((b, t), bool)
+        step = nn.scan(
+            _TTMStep,
+            variable_broadcast="params",
+            split_rngs={"params": False, "dropout": True},
+            in_axes=1,
+            out_axes=1,
+        )(self.spec, self.num_outputs, self.memory_size, self.token_learner_hidden,
+          deterministic=deterministic, name="step")
+        memory = jnp.zeros((b, self.memory_size, tokens.shape[-1]), tokens.dtype)
+        _, outputs = step(memory, (tokens, media_mask.astype(bool)))
+        return nn.with_logical_constraint(outputs, ("batch", "snippets", "tokens", "embed"))

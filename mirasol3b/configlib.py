@@ -1,0 +1,252 @@
+"""Config defaults, the `get_config(arg)` argument parser, and validation of every field.
+
+Configs are `ml_collections` files in `configs/`; each starts from `base_config()`. `validate`
+runs before anything is built or compiled and names the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import ml_collections
+
+from mirasol3b.layers.spec import DTYPES, REMAT_POLICIES
+
+
+class ConfigError(ValueError):
+    """A config field holds an impossible value."""
+
+    def __init__(self, field: str, expected: str, got: Any):
+        super().__init__(f"config.{field}: expected {expected}, got {got!r}")
+        self.field = field
+
+
+def _stack(width: int, depth: int, num_heads: int, mlp_dim: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run reads, at the tiny scale; configs change what they need."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # ('data', 'fsdp', 'tensor'); -1 fills the remaining devices.
+    c.mesh_shape = (-1, 1, 1)
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 259  # seqio.ByteVocabulary: 256 bytes + pad/eos/unk
+    m.dtype = "float32"  # compute dtype
+    m.param_dtype = "float32"
+    m.remat_policy = "none"
+    m.scan_layers = True
+    m.dropout_rate = 0.0
+    m.combiner = "transformer"
+    m.num_latents = 4  # m: combined tokens per snippet
+    m.use_video = True
+    m.use_audio = True
+    m.video = ml_collections.ConfigDict(dict(fps=8.0, snippet_frames=2, image_size=32, tube_frames=2, patch_size=8))
+    m.audio = ml_collections.ConfigDict(dict(
+        sample_rate=16000, n_fft=400, win_length=400, hop_length=160, n_mels=32, fmin=0.0, fmax=8000.0,
+        top_db=80.0, patch_frames=5, patch_mels=8))
+    m.video_encoder = _stack(64, 1, 2, 128)
+    m.audio_encoder = _stack(64, 1, 2, 128)
+    m.combiner_transformer = _stack(64, 1, 2, 128)
+    m.ttm = ml_collections.ConfigDict(dict(memory_size=8, token_learner_hidden=64))
+    m.time_aligned = _stack(64, 1, 2, 128)
+    m.text_decoder = _stack(64, 2, 2, 128)
+    m.text_decoder.max_length = 64
+
+    c.loss = ml_collections.ConfigDict(dict(latent_loss_weight=1.0, normalize_latent_target=True))
+
+    c.data = ml_collections.ConfigDict(dict(num_frames=8, text_length=32, batch_size=8))
+
+    c.train = ml_collections.ConfigDict(dict(
+        num_steps=200, learning_rate=1e-3, warmup_steps=20, end_learning_rate_fraction=0.1,
+        weight_decay=0.01, grad_clip_norm=1.0, adam_b1=0.9, adam_b2=0.98, log_every=10))
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses `get_config`'s argument `"key=value,flag"` against typed defaults.
+
+    A bare name sets a bool default to True; unknown names fail (no silent typos).
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ConfigError(f"<arg>.{key}", f"one of {sorted(defaults)}", item)
+        kind = type(defaults[key])
+        if not _:
+            if kind is not bool:
+                raise ConfigError(f"<arg>.{key}", f"{key}=<{kind.__name__}>", item)
+            out[key] = True
+        elif kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"<arg>.{key}", "true or false", value)
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ConfigError(f"<arg>.{key}", kind.__name__, value) from None
+    return out
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pos_int(v) -> str | None:
+    return None if _is_int(v) and v > 0 else "a positive integer"
+
+
+def _nonneg_int(v) -> str | None:
+    return None if _is_int(v) and v >= 0 else "a non-negative integer"
+
+
+def _number(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> Callable:
+    def check(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+            (v > lo if lo_open else v >= lo) and v <= hi)
+        return None if ok else f"a number in {'(' if lo_open else '['}{lo}, {hi}]"
+    return check
+
+
+def _optional(check: Callable) -> Callable:
+    return lambda v: None if v is None else check(v)
+
+
+def _bool(v) -> str | None:
+    return None if isinstance(v, bool) else "True or False"
+
+
+def _one_of(*choices) -> Callable:
+    return lambda v: None if v in choices else f"one of {list(choices)}"
+
+
+def _mesh_shape(v) -> str | None:
+    ok = (isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_int(s) and (s > 0 or s == -1) for s in v)
+          and list(v).count(-1) <= 1)
+    return None if ok else "3 positive integers for ('data', 'fsdp', 'tensor'), at most one -1"
+
+
+_STACK_FIELDS = {"width": _pos_int, "depth": _pos_int, "num_heads": _pos_int, "mlp_dim": _pos_int}
+_STACKS = ("video_encoder", "audio_encoder", "combiner_transformer", "time_aligned", "text_decoder")
+
+RULES: dict[str, Callable] = {
+    "seed": _nonneg_int,
+    "mesh_shape": _mesh_shape,
+    "model.vocab_size": _pos_int,
+    "model.dtype": _one_of(*DTYPES),
+    "model.param_dtype": _one_of(*DTYPES),
+    "model.remat_policy": _one_of(*REMAT_POLICIES),
+    "model.scan_layers": _bool,
+    "model.dropout_rate": _number(0.0, 1.0),
+    "model.combiner": _one_of("transformer", "ttm"),
+    "model.num_latents": _pos_int,
+    "model.use_video": _bool,
+    "model.use_audio": _bool,
+    "model.video.fps": _number(0.0, lo_open=True),
+    "model.video.snippet_frames": _pos_int,
+    "model.video.image_size": _pos_int,
+    "model.video.tube_frames": _pos_int,
+    "model.video.patch_size": _pos_int,
+    "model.audio.sample_rate": _pos_int,
+    "model.audio.n_fft": _pos_int,
+    "model.audio.win_length": _pos_int,
+    "model.audio.hop_length": _pos_int,
+    "model.audio.n_mels": _pos_int,
+    "model.audio.fmin": _number(0.0),
+    "model.audio.fmax": _optional(_number(0.0, lo_open=True)),
+    "model.audio.top_db": _optional(_number(0.0, lo_open=True)),
+    "model.audio.patch_frames": _pos_int,
+    "model.audio.patch_mels": _pos_int,
+    "model.ttm.memory_size": _pos_int,
+    "model.ttm.token_learner_hidden": _pos_int,
+    "model.text_decoder.max_length": _pos_int,
+    **{f"model.{s}.{f}": check for s in _STACKS for f, check in _STACK_FIELDS.items()},
+    "loss.latent_loss_weight": _number(0.0),
+    "loss.normalize_latent_target": _bool,
+    "data.num_frames": _pos_int,
+    "data.text_length": _pos_int,
+    "data.batch_size": _pos_int,
+    "train.num_steps": _pos_int,
+    "train.learning_rate": _number(0.0, lo_open=True),
+    "train.warmup_steps": _nonneg_int,
+    "train.end_learning_rate_fraction": _number(0.0, 1.0),
+    "train.weight_decay": _number(0.0),
+    "train.grad_clip_norm": _optional(_number(0.0, lo_open=True)),
+    "train.adam_b1": _number(0.0, 1.0),
+    "train.adam_b2": _number(0.0, 1.0),
+    "train.log_every": _pos_int,
+}
+
+
+def _leaves(cfg: ml_collections.ConfigDict, prefix: str = ""):
+    for key in cfg.keys():
+        value = cfg[key]
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def _require(ok: bool, field: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(field, expected, got)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field and every cross-field constraint; raises `ConfigError` naming the field."""
+    seen = set()
+    for path, value in _leaves(config):
+        if path not in RULES:
+            raise ConfigError(path, f"a known field (misspelt? known: {sorted(RULES)[:8]}...)", value)
+        problem = RULES[path](value)
+        if problem:
+            raise ConfigError(path, problem, value)
+        seen.add(path)
+    missing = sorted(set(RULES) - seen)
+    if missing:
+        raise ConfigError(missing[0], "to be set (it has no default in this config)", None)
+
+    m = config.model
+    v, a = m.video, m.audio
+    _require(m.use_video or m.use_audio, "model.use_video", "at least one of use_video/use_audio True", False)
+    _require(config.data.num_frames % v.snippet_frames == 0, "data.num_frames",
+             f"a multiple of model.video.snippet_frames ({v.snippet_frames})", config.data.num_frames)
+    _require(v.snippet_frames % v.tube_frames == 0, "model.video.tube_frames",
+             f"a divisor of model.video.snippet_frames ({v.snippet_frames})", v.tube_frames)
+    _require(v.image_size % v.patch_size == 0, "model.video.patch_size",
+             f"a divisor of model.video.image_size ({v.image_size})", v.patch_size)
+    samples = Fraction(v.snippet_frames) / Fraction(str(v.fps)) * a.sample_rate
+    _require(samples.denominator == 1, "model.video.fps",
+             f"a rate at which a snippet of {v.snippet_frames} frames spans a whole number of audio samples "
+             f"at {a.sample_rate} Hz", v.fps)
+    samples = int(samples)
+    _require(a.win_length <= a.n_fft, "model.audio.win_length", f"<= model.audio.n_fft ({a.n_fft})", a.win_length)
+    _require(samples % a.hop_length == 0, "model.audio.hop_length",
+             f"a divisor of the {samples} samples per snippet", a.hop_length)
+    frames = samples // a.hop_length
+    _require(frames % a.patch_frames == 0, "model.audio.patch_frames",
+             f"a divisor of the {frames} spectrogram frames per snippet", a.patch_frames)
+    _require(a.n_mels % a.patch_mels == 0, "model.audio.patch_mels",
+             f"a divisor of model.audio.n_mels ({a.n_mels})", a.patch_mels)
+    nyquist = a.sample_rate / 2
+    _require(a.fmax is None or a.fmax <= nyquist, "model.audio.fmax", f"<= sample_rate / 2 ({nyquist})", a.fmax)
+    _require(a.fmax is None or a.fmin < a.fmax, "model.audio.fmin", f"< model.audio.fmax ({a.fmax})", a.fmin)
+    for s in _STACKS:
+        _require(m[s].width % m[s].num_heads == 0, f"model.{s}.num_heads",
+                 f"a divisor of model.{s}.width ({m[s].width})", m[s].num_heads)
+        _require(m[s].width % 2 == 0 or s != "time_aligned", f"model.{s}.width", "an even number", m[s].width)
+    _require(config.data.text_length <= m.text_decoder.max_length, "data.text_length",
+             f"<= model.text_decoder.max_length ({m.text_decoder.max_length})", config.data.text_length)
+    _require(config.train.warmup_steps <= config.train.num_steps, "train.warmup_steps",
+             f"<= train.num_steps ({config.train.num_steps})", config.train.warmup_steps)
+    return config

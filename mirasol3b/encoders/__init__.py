@@ -1,0 +1,1 @@
+"""Per-snippet encoders of the time-aligned modalities."""

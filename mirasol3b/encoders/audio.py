@@ -1,0 +1,55 @@
+"""Audio encoder: log-mel spectrogram computed in-graph from the waveform, then a ViT over patches."""
+
+from __future__ import annotations
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mirasol3b.encoders.spectrogram import LogMelSpec, log_mel_spectrogram
+from mirasol3b.layers import TransformerSpec, TransformerStack
+from mirasol3b.layers.patches import PatchEmbedding
+
+# Log-mel values are in dB (about -100 to +40); this brings them near unit scale before the
+# patch projection, like pixel scaling does for video.
+_DB_SCALE = 1.0 / 40.0
+
+
+class AudioEncoder(nn.Module):
+    """`audio [batch, samples]` -> `[batch, snippets, tokens, width]`.
+
+    `samples = snippets * samples_per_snippet`. The spectrogram is computed per snippet (its
+    windows never reach into the next snippet, which keeps the model causal over snippets), and
+    the last, centred frame is dropped so a snippet has exactly `samples_per_snippet // hop` frames.
+    """
+
+    spec: TransformerSpec
+    logmel: LogMelSpec
+    samples_per_snippet: int
+    patch_frames: int
+    patch_mels: int
+
+    @property
+    def frames_per_snippet(self) -> int:
+        return self.samples_per_snippet // self.logmel.hop_length
+
+    @property
+    def tokens_per_snippet(self) -> int:
+        return (self.frames_per_snippet // self.patch_frames) * (self.logmel.n_mels // self.patch_mels)
+
+    @nn.compact
+    def __call__(self, audio: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        b, s = audio.shape
+        if s % self.samples_per_snippet:
+            raise ValueError(f"audio must be [batch, snippets*{self.samples_per_snippet}], got {audio.shape}")
+        waves = einops.rearrange(audio.astype(jnp.float32), "b (n s) -> (b n) s", s=self.samples_per_snippet)
+        mel = log_mel_spectrogram(waves, self.logmel)[:, :self.frames_per_snippet]
+        x = einops.rearrange(mel * _DB_SCALE, "bn (t pt) (m pm) -> bn (t m) (pt pm)",
+                             pt=self.patch_frames, pm=self.patch_mels)
+        x = nn.with_logical_constraint(x, ("batch", "tokens", "patch"))
+        x = PatchEmbedding(self.spec.width, self.tokens_per_snippet, dtype=self.spec.compute_dtype,
+                           param_dtype=self.spec.weight_dtype, name="patch_embedding")(x)
+        x = TransformerStack(self.spec, name="transformer")(x, deterministic=deterministic)
+        x = einops.rearrange(x, "(b n) k d -> b n k d", b=b)
+        return nn.with_logical_constraint(x, ("batch", "snippets", "tokens", "embed"))

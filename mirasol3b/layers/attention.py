@@ -1,0 +1,83 @@
+"""The one multi-head attention: self or cross, any mask, optional KV cache, float32 softmax."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mirasol3b.layers.projection import heads_projection, output_projection
+
+_QKV_AXES = ("batch", "tokens", "heads", "head_dim")
+
+
+class Attention(nn.Module):
+    """Multi-head dot-product attention.
+
+    `x [batch, queries, embed]`, `kv [batch, keys, kv_embed]` (None for self-attention),
+    `mask [batch | 1, 1, queries, keys]` bool -> `[batch, queries, embed]`.
+
+    With `decode=True` the keys and values live in the `cache` collection:
+    - self-attention writes this call's keys/values at slot `cache_index` and attends over the
+      whole cache, so `mask` must be `[batch, 1, queries, cache_length]`
+      (see `masks.cached_causal`). A cache is created, not written, when the module is
+      initialised with a full-length input.
+    - cross-attention (`cross=True`) computes keys/values from `kv` once (when `kv` is given)
+      and reads them back on later calls made with `kv=None`: they are never recomputed per token.
+    """
+
+    num_heads: int
+    head_dim: int
+    cross: bool = False
+    decode: bool = False
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def _project(self, name: str, x: jax.Array) -> jax.Array:
+        y = heads_projection(self.num_heads, self.head_dim, self.dtype, self.param_dtype, name)(x)
+        return nn.with_logical_constraint(y, _QKV_AXES)
+
+    def _cached(self, name: str, value: jax.Array | None, cache_index: jax.Array | None):
+        """Returns (cached value to attend over, whether the cache already existed)."""
+        initialised = self.has_variable("cache", name)
+        if value is None:
+            if not initialised:
+                raise ValueError(f"{self.name}: cross-attention decode step before the cache was filled")
+            return self.get_variable("cache", name), True
+        var = self.variable("cache", name, jnp.zeros, value.shape, value.dtype)
+        if not initialised:
+            return value, False
+        if self.cross:
+            var.value = value
+        else:
+            if cache_index is None:
+                raise ValueError(f"{self.name}: self-attention decode needs cache_index")
+            var.value = jax.lax.dynamic_update_slice(
+                var.value, value.astype(var.value.dtype), (0, cache_index, 0, 0))
+        return var.value, True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None, *,
+                 cache_index: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        if not self.cross:
+            kv = x
+        elif kv is None and not self.decode:
+            raise ValueError(f"{self.name}: cross-attention needs kv inputs")
+        q = self._project("query", x)
+        k = self._project("key", kv) if kv is not None else None
+        v = self._project("value", kv) if kv is not None else None
+        if self.decode:
+            k, _ = self._cached("key", k, cache_index)
+            v, _ = self._cached("value", v, cache_index)
+
+        # Scale q before the product (smaller numbers in low precision); softmax in float32.
+        q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
+        out = nn.with_logical_constraint(out, _QKV_AXES)
+        return output_projection(x.shape[-1], self.dtype, self.param_dtype, "out")(out)

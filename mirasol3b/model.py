@@ -1,0 +1,122 @@
+"""Mirasol3B: per-snippet encoders -> Combiner -> time-aligned AR model; text decoder cross-attends."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import einops
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from mirasol3b.combiner import ModalityFusion, TransformerCombiner, TTMCombiner
+from mirasol3b.encoders.audio import AudioEncoder
+from mirasol3b.encoders.spectrogram import LogMelSpec
+from mirasol3b.encoders.video import VideoEncoder
+from mirasol3b.layers import TransformerSpec
+from mirasol3b.text_decoder import TextDecoder
+from mirasol3b.time_aligned import TimeAlignedModel
+
+COMBINERS = ("transformer", "ttm")
+
+
+def stack_spec(model_config: ml_collections.ConfigDict, name: str) -> TransformerSpec:
+    """The TransformerSpec of the stack `model_config[name]`, with the model-wide numerics."""
+    c = model_config
+    part = c[name]
+    return TransformerSpec(
+        width=part.width, depth=part.depth, num_heads=part.num_heads, mlp_dim=part.mlp_dim,
+        dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype,
+        remat_policy=c.remat_policy, scan_layers=c.scan_layers)
+
+
+def samples_per_snippet(model_config: ml_collections.ConfigDict) -> int:
+    """Audio samples covering exactly one snippet's frames (validated to be a whole number)."""
+    v, a = model_config.video, model_config.audio
+    samples = Fraction(v.snippet_frames) / Fraction(str(v.fps)) * a.sample_rate
+    if samples.denominator != 1:
+        raise ValueError(f"model.video.snippet_frames / model.video.fps * model.audio.sample_rate must be a "
+                         f"whole number of samples, got {float(samples)}")
+    return int(samples)
+
+
+def logmel_spec(model_config: ml_collections.ConfigDict) -> LogMelSpec:
+    a = model_config.audio
+    return LogMelSpec(sample_rate=a.sample_rate, n_fft=a.n_fft, win_length=a.win_length,
+                      hop_length=a.hop_length, n_mels=a.n_mels, fmin=a.fmin, fmax=a.fmax, top_db=a.top_db)
+
+
+class Mirasol3B(nn.Module):
+    """The whole model; `config` is `config.model` of a `configs/*.py` file.
+
+    `apply(variables, batch, train=...)` -> dict with
+      `logits [batch, length, vocab]` float32,
+      `latents [batch, snippets, m, width]` (the Combiner's outputs) and
+      `predictions [batch, snippets, m, width]` (the time-aligned model's guess of the next
+      snippet's latents).
+    """
+
+    config: ml_collections.ConfigDict
+
+    def setup(self):
+        c = self.config
+        if c.use_video:
+            self.video_encoder = VideoEncoder(
+                stack_spec(c, "video_encoder"), snippet_frames=c.video.snippet_frames,
+                image_size=c.video.image_size, tube_frames=c.video.tube_frames, patch_size=c.video.patch_size)
+        if c.use_audio:
+            self.audio_encoder = AudioEncoder(
+                stack_spec(c, "audio_encoder"), logmel=logmel_spec(c), samples_per_snippet=samples_per_snippet(c),
+                patch_frames=c.audio.patch_frames, patch_mels=c.audio.patch_mels)
+        combiner_spec = stack_spec(c, "combiner_transformer")
+        self.fusion = ModalityFusion(combiner_spec.width, dtype=combiner_spec.compute_dtype,
+                                     param_dtype=combiner_spec.weight_dtype)
+        if c.combiner == "transformer":
+            self.combiner = TransformerCombiner(combiner_spec, num_outputs=c.num_latents)
+        elif c.combiner == "ttm":
+            self.combiner = TTMCombiner(combiner_spec, num_outputs=c.num_latents, memory_size=c.ttm.memory_size,
+                                        token_learner_hidden=c.ttm.token_learner_hidden)
+        else:
+            raise ValueError(f"model.combiner must be one of {COMBINERS}, got {c.combiner!r}")
+        self.time_aligned = TimeAlignedModel(stack_spec(c, "time_aligned"))
+        self.text_decoder = TextDecoder(stack_spec(c, "text_decoder"), vocab_size=c.vocab_size,
+                                        max_length=c.text_decoder.max_length)
+
+    def encode_media(self, video: jax.Array | None, audio: jax.Array | None, media_mask: jax.Array, *,
+                     train: bool = False) -> dict[str, jax.Array]:
+        """Encodes the media once. Returns `latents`, `predictions` ([batch, snippets, m, width]),
+        `media` ([batch, snippets * m, width], what the text decoder reads) and `media_token_mask`."""
+        c = self.config
+        snippets = media_mask.shape[1]
+        tokens = {}
+        if c.use_video:
+            if video.shape[1] != snippets * c.video.snippet_frames:
+                raise ValueError(f"video has {video.shape[1]} frames; media_mask says {snippets} snippets of "
+                                 f"{c.video.snippet_frames} frames")
+            tokens["video"] = self.video_encoder(video, deterministic=not train)
+        if c.use_audio:
+            if audio.shape[1] != snippets * samples_per_snippet(c):
+                raise ValueError(f"audio has {audio.shape[1]} samples; media_mask says {snippets} snippets of "
+                                 f"{samples_per_snippet(c)} samples")
+            tokens["audio"] = self.audio_encoder(audio, deterministic=not train)
+        latents = self.combiner(self.fusion(tokens), media_mask, deterministic=not train)
+        features, predictions = self.time_aligned(latents, media_mask, deterministic=not train)
+        return {
+            "latents": latents,
+            "predictions": predictions,
+            "media": einops.rearrange(features, "b t m d -> b (t m) d"),
+            "media_token_mask": jnp.repeat(media_mask.astype(bool), latents.shape[2], axis=1),
+        }
+
+    def decode_text(self, tokens: jax.Array, media: jax.Array | None, media_token_mask: jax.Array, *,
+                    positions=None, mask=None, cache_index=None, decode: bool = False,
+                    train: bool = False) -> jax.Array:
+        """Text logits `[batch, length, vocab]`; see `TextDecoder` for the decode-mode arguments."""
+        return self.text_decoder(tokens, media, media_token_mask, positions=positions, mask=mask,
+                                 cache_index=cache_index, decode=decode, deterministic=not train)
+
+    def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict[str, jax.Array]:
+        media = self.encode_media(batch.get("video"), batch.get("audio"), batch["media_mask"], train=train)
+        logits = self.decode_text(batch["text_inputs"], media["media"], media["media_token_mask"], train=train)
+        return {"logits": logits, "latents": media["latents"], "predictions": media["predictions"]}

@@ -1,0 +1,80 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Every parameter and every activation at a module boundary is annotated with logical names
+(`nn.with_logical_partitioning`, `nn.with_logical_constraint`); this file alone decides where
+they live on the mesh `('data', 'fsdp', 'tensor')`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Flax takes, for each logical axis, the first rule whose mesh axes are not yet used by an earlier
+# dimension of the same array. That is why `embed` shards over `fsdp` for parameters but falls back
+# to replicated for activations, whose batch dimension already took `fsdp`.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("snippets", None),
+    ("tokens", None),
+    ("kv_tokens", None),
+    ("layers", None),
+    ("patch", None),
+    ("memory", None),
+)
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Replaces the one `-1` in `mesh_shape` by what fills `num_devices`."""
+    shape = list(mesh_shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh_shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh_shape may hold at most one -1, got {shape}")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh_shape entries must be positive or -1, got {shape}")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh_shape {shape} cannot fill {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh_shape {shape} needs {math.prod(shape)} devices, have {num_devices}")
+    return tuple(shape)
+
+
+def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.Mesh:
+    """A mesh over `devices` (default: all) with axes ('data', 'fsdp', 'tensor').
+
+    Axis types are Auto: under Explicit axes (the `jax.make_mesh` default) logical constraints fail.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    shape = resolve_mesh_shape(mesh_shape, len(devices))
+    return jax.sharding.Mesh(
+        np.asarray(devices).reshape(shape),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    )
+
+
+def logical_sharding(logical_spec_tree, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for a tree of logical PartitionSpecs (e.g. `nn.get_partition_spec(...)`)."""
+    return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, rules)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> jax.sharding.NamedSharding:
+    """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), LOGICAL_AXIS_RULES)
+    return jax.sharding.NamedSharding(mesh, spec)

@@ -1,0 +1,42 @@
+"""Time-aligned autoregressive model: block-causal over the snippets' combined latents."""
+
+from __future__ import annotations
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mirasol3b.layers import LearnedPositions, TransformerSpec, TransformerStack, masks, sinusoidal
+from mirasol3b.layers.initializers import default_kernel_init, logical
+
+
+class TimeAlignedModel(nn.Module):
+    """`latents [batch, snippets, m, latent_width]`, `media_mask [batch, snippets]` ->
+    (`features [batch, snippets, m, width]`, `predictions [batch, snippets, m, latent_width]`).
+
+    Tokens of snippet t attend to snippets <= t that hold real media; `predictions[:, t]` is the
+    model's guess of `latents[:, t + 1]`. Snippet positions are sinusoidal, so longer videos add
+    snippets and no parameters.
+    """
+
+    spec: TransformerSpec
+
+    @nn.compact
+    def __call__(self, latents: jax.Array, media_mask: jax.Array, *, deterministic: bool = True):
+        b, t, m, latent_width = latents.shape
+        s = self.spec
+        dense = lambda features, axes, name: nn.Dense(  # noqa: E731
+            features, dtype=s.compute_dtype, param_dtype=s.weight_dtype, name=name,
+            kernel_init=logical(default_kernel_init, axes), bias_init=logical(nn.initializers.zeros, axes[1:]))
+        x = dense(s.width, ("mlp", "embed"), "input_projection")(latents)
+        x = LearnedPositions(m, param_dtype=s.weight_dtype, name="token_positions")(x)
+        x = x + sinusoidal(jnp.arange(t), s.width)[None, :, None, :].astype(x.dtype)
+        x = einops.rearrange(x, "b t m d -> b (t m) d")
+        token_valid = jnp.repeat(media_mask.astype(bool), m, axis=1)
+        mask = masks.combine(masks.block_causal(t, m), masks.key_padding(token_valid))
+        x = TransformerStack(s, name="transformer")(x, mask, deterministic=deterministic)
+        features = einops.rearrange(x, "b (t m) d -> b t m d", m=m)
+        predictions = dense(latent_width, ("embed", "mlp"), "prediction_head")(features)
+        return (nn.with_logical_constraint(features, ("batch", "snippets", "tokens", "embed")),
+                predictions.astype(jnp.float32))

@@ -1,0 +1,1 @@
+"""Training: optimizer, sharded train state, the train step, and the loop."""

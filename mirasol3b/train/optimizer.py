@@ -1,0 +1,29 @@
+"""AdamW with linear warm-up and cosine decay, global-norm clipping, decay on kernels only."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+        decay_steps=train.num_steps, end_value=train.learning_rate * train.end_learning_rate_fraction)
+
+
+def weight_decay_mask(params):
+    """True for matrices that should decay: every `kernel`; not biases, norms, embeddings or positions."""
+    def decays(path, _):
+        return getattr(path[-1], "key", None) == "kernel"
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    parts = []
+    if train.grad_clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(train.grad_clip_norm))
+    parts.append(optax.adamw(learning_rate_schedule(train), b1=train.adam_b1, b2=train.adam_b2,
+                             weight_decay=train.weight_decay, mask=weight_decay_mask))
+    return optax.chain(*parts)

@@ -1,0 +1,37 @@
+"""mirasol3b: JAX/Flax reference implementation of Mirasol3B (arXiv 2311.05698)."""
+
+import setuptools
+
+# The pinned set tried together on Python 3.11; requirements.txt carries the same pins.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "ml-collections==1.1.0",
+    "einops==0.8.2",
+    "numpy==2.4.6",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "seqio==0.0.20",
+    "protobuf==7.36.2",
+    "av==18.1.0",
+    "imageio-ffmpeg==0.8.1",
+    "pillow==13.0.0",
+]
+EXTRAS_REQUIRE = {
+    "test": ["pytest==9.2.0", "librosa==0.11.0"],
+}
+
+setuptools.setup(
+    name="mirasol3b",
+    version="0.1.0",
+    description="Mirasol3B: a multimodal autoregressive model for time-aligned and contextual modalities",
+    python_requires=">=3.11,<3.12",
+    packages=setuptools.find_packages(include=["mirasol3b", "mirasol3b.*", "configs", "data", "data.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

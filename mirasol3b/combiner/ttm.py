@@ -63,14 +63,26 @@ class TTMCombiner(nn.Module):
         b, t = tokens.shape[:2]
         if media_mask is None:
             media_mask = jnp.ones((b, t), bool)
-        step = nn.scan(
-            _TTMStep,
-            variable_broadcast="params",
-            split_rngs={"params": False, "dropout": True},
-            in_axes=1,
-            out_axes=1,
-        )(self.spec, self.num_outputs, self.memory_size, self.token_learner_hidden,
-          deterministic=deterministic, name="step")
+        step_fields = dict(spec=self.spec, num_outputs=self.num_outputs, memory_size=self.memory_size,
+                           token_learner_hidden=self.token_learner_hidden, deterministic=deterministic)
         memory = jnp.zeros((b, self.memory_size, tokens.shape[-1]), tokens.dtype)
-        _, outputs = step(memory, (tokens, media_mask.astype(bool)))
+        valid = media_mask.astype(bool)
+        if self.spec.scan_layers:
+            step = nn.scan(
+                _TTMStep,
+                variable_broadcast="params",
+                split_rngs={"params": False, "dropout": True},
+                in_axes=1,
+                out_axes=1,
+            )(**step_fields, name="step")
+            _, outputs = step(memory, (tokens, valid))
+        else:
+            # Unrolled (XLA's cost analysis counts a while-loop body once). One step module called
+            # per snippet shares its params exactly as the broadcast scan does: same tree.
+            step = _TTMStep(**step_fields, name="step")
+            outputs = []
+            for i in range(t):
+                memory, out = step(memory, (tokens[:, i], valid[:, i]))
+                outputs.append(out)
+            outputs = jnp.stack(outputs, axis=1)
         return nn.with_logical_constraint(outputs, ("batch", "snippets", "tokens", "embed"))

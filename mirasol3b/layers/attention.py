@@ -68,8 +68,8 @@ class Attention(nn.Module):
         k = self._project("key", kv) if kv is not None else None
         v = self._project("value", kv) if kv is not None else None
         if self.decode:
-            k, _ = self._cached("key", k, cache_index)
-            v, _ = self._cached("value", v, cache_index)
+            k, _ = self._cached("cached_key", k, cache_index)
+            v, _ = self._cached("cached_value", v, cache_index)
 
         # Scale q before the product (smaller numbers in low precision); softmax in float32.
         q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)

@@ -1,0 +1,24 @@
+"""Trains Mirasol3B: `python -m mirasol3b.main --config=configs/NAME.py[:arg] --workdir=DIR`.
+
+`--config.key=value` overrides any field; the config is validated before anything compiles.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mirasol3b.train.loop import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:ttm].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics (and later checkpoints) go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

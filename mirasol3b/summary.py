@@ -1,0 +1,292 @@
+"""Parameter count of each component and the FLOPs of one train step, without allocating anything.
+
+    python -m mirasol3b.summary --config=configs/mirasol3b.py[:variant] [--config.key=value ...]
+
+Parameters come from `jax.eval_shape` of the train state. FLOPs come from XLA's cost analysis of
+the lowered (not compiled) `jax.jit(train_step)` on abstract inputs, lowered with every scan
+unrolled (`model.scan_layers=False`): the analysis counts a while-loop body once, not once per
+trip. An analytic count of the matmuls beside it checks that number.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import linen as nn
+from ml_collections import config_flags
+
+from mirasol3b import configlib
+from mirasol3b.model import Mirasol3B, samples_per_snippet
+from mirasol3b.text_decoder import padded_vocab_size
+from mirasol3b.train.optimizer import make_optimizer
+from mirasol3b.train.state import abstract_state
+from mirasol3b.train.step import make_train_step
+
+# Summary rows -> top-level param collections; the fusion projections belong to the Combiner.
+COMPONENTS = {
+    "video_encoder": ("video_encoder",),
+    "audio_encoder": ("audio_encoder",),
+    "combiner": ("fusion", "combiner"),
+    "time_aligned": ("time_aligned",),
+    "text_decoder": ("text_decoder",),
+}
+AUDIO_VIDEO = ("video_encoder", "audio_encoder", "combiner", "time_aligned")
+
+
+def sequence_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Snippets and tokens per snippet of each modality, for `config.data`'s clip length."""
+    m = config.model
+    v, a = m.video, m.audio
+    mel_frames = samples_per_snippet(m) // a.hop_length
+    sizes = {
+        "snippets": config.data.num_frames // v.snippet_frames,
+        "frames_per_snippet": v.snippet_frames,
+        "video_tokens": (v.snippet_frames // v.tube_frames) * (v.image_size // v.patch_size) ** 2 if m.use_video else 0,
+        "audio_samples": samples_per_snippet(m),
+        "mel_frames": mel_frames,
+        "audio_tokens": (mel_frames // a.patch_frames) * (a.n_mels // a.patch_mels) if m.use_audio else 0,
+        "latents": m.num_latents,
+        "text_length": config.data.text_length,
+    }
+    sizes["combiner_inputs"] = sizes["video_tokens"] + sizes["audio_tokens"]
+    sizes["time_aligned_tokens"] = sizes["snippets"] * m.num_latents
+    return sizes
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, concrete: bool = False) -> dict:
+    """The model batch for `config.data` as `ShapeDtypeStruct`s (or zeros with `concrete`)."""
+    m, s = config.model, sequence_sizes(config)
+    length = config.data.text_length
+    shapes = {
+        "media_mask": ((batch_size, s["snippets"]), np.bool_),
+        "text_inputs": ((batch_size, length), np.int32),
+        "text_targets": ((batch_size, length), np.int32),
+        "text_loss_weights": ((batch_size, length), np.float32),
+    }
+    if m.use_video:
+        size = m.video.image_size
+        shapes["video"] = ((batch_size, config.data.num_frames, size, size, 3), np.uint8)
+    if m.use_audio:
+        shapes["audio"] = ((batch_size, s["snippets"] * s["audio_samples"]), np.float32)
+    make = np.zeros if concrete else jax.ShapeDtypeStruct
+    return {k: make(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+
+def _state(config: ml_collections.ConfigDict):
+    """(model, optimizer, unboxed abstract train state)."""
+    model, optimizer = Mirasol3B(config.model), make_optimizer(config.train)
+    # Params do not depend on the batch size; a one-clip batch is traced, never run.
+    abstract, _ = abstract_state(model, optimizer, abstract_batch(config, 1, concrete=True))
+    return model, optimizer, nn.unbox(abstract)
+
+
+def param_counts(params) -> dict[str, int]:
+    """Component -> number of parameters, and 'total'."""
+    size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    counts = {row: sum(size(params.get(c, {})) for c in cols) for row, cols in COMPONENTS.items()}
+    counts["total"] = size(params)
+    if sum(counts[row] for row in COMPONENTS) != counts["total"]:
+        raise RuntimeError(f"params outside the summary's components: {sorted(params)}")
+    return counts
+
+
+# ---- analytic FLOPs ---------------------------------------------------------------------------
+
+def _stack_flops(part: ml_collections.ConfigDict, seqs: int, tokens: int, kv_tokens: int = 0,
+                 kv_width: int = 0) -> tuple[int, int, int]:
+    """Forward matmul FLOPs of one TransformerStack over `seqs` sequences, in three parts:
+
+    inner projections (QKV, cross-attention's QKV, MLP in), output projections (attention out,
+    MLP out) and attention products (scores, values; full-size whatever the mask, as the dense
+    attention computes them all). They differ in what a remat'd backward pass recomputes.
+    """
+    d, f = part.width, part.mlp_dim
+    inner, outer = tokens * (3 * d * d + d * f), tokens * (d * d + f * d)
+    attention = 2 * tokens * tokens * d
+    if kv_tokens:
+        inner += tokens * d * d + kv_tokens * 2 * kv_width * d
+        outer += tokens * d * d
+        attention += 2 * tokens * kv_tokens * d
+    return tuple(2 * seqs * part.depth * x for x in (inner, outer, attention))
+
+
+def _token_learner_flops(seqs: int, tokens: int, width: int, hidden: int, outputs: int) -> int:
+    return 2 * seqs * tokens * (width * hidden + hidden * outputs + outputs * width)
+
+
+# Which of `_stack_flops`' parts a remat'd backward pass recomputes. Output projections are never
+# recomputed: the gradients need their inputs, not their outputs. Attention products carry a batch
+# dim, so `dots_with_no_batch_dims_saveable` does not keep them. Non-matmul ops, which this count
+# leaves out, are recomputed under every policy but "none".
+_RECOMPUTE = {
+    "none": (0, 0, 0), "everything_saveable": (0, 0, 0), "dots_saveable": (0, 0, 0),
+    "dots_with_no_batch_dims_saveable": (0, 0, 1), "nothing_saveable": (1, 0, 1),
+}
+
+
+def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, dict[str, int]]:
+    """Matmul FLOPs per component: 'forward', and 'train' = 3 x forward + remat recompute.
+
+    The backward of a matmul costs twice its forward; the patch embeddings' input gradient (which
+    nothing needs) and the optimizer's ~10 elementwise FLOPs a parameter are not counted.
+    """
+    m, s, b = config.model, sequence_sizes(config), batch_size
+    clips = b * s["snippets"]
+    redo = _RECOMPUTE[m.remat_policy]
+    out = {}
+
+    def add(row, other=0, stacks=()):
+        parts = [sum(p) for p in zip(*stacks)] if stacks else [0, 0, 0]
+        forward = other + sum(parts)
+        out[row] = {"forward": forward, "train": 3 * forward + sum(r * p for r, p in zip(redo, parts))}
+
+    if m.use_video:
+        v = m.video
+        tube = v.tube_frames * v.patch_size ** 2 * 3
+        add("video_encoder", 2 * clips * s["video_tokens"] * tube * m.video_encoder.width,
+            [_stack_flops(m.video_encoder, clips, s["video_tokens"])])
+    if m.use_audio:
+        a = m.audio
+        stft_frames = 1 + s["audio_samples"] // a.hop_length
+        n_freqs = a.n_fft // 2 + 1
+        # The log-mel (two DFT matmuls and the filterbank) has no parameters: forward only.
+        logmel = 2 * clips * stft_frames * n_freqs * (2 * a.win_length + a.n_mels)
+        patch = a.patch_frames * a.patch_mels
+        add("audio_encoder", 2 * clips * s["audio_tokens"] * patch * m.audio_encoder.width,
+            [_stack_flops(m.audio_encoder, clips, s["audio_tokens"])])
+        out["audio_encoder"]["forward"] += logmel
+        out["audio_encoder"]["train"] += logmel
+
+    c = m.combiner_transformer
+    fusion = 2 * clips * c.width * (s["video_tokens"] * m.video_encoder.width * m.use_video
+                                    + s["audio_tokens"] * m.audio_encoder.width * m.use_audio)
+    if m.combiner == "transformer":
+        add("combiner", fusion, [_stack_flops(c, clips, s["combiner_inputs"] + m.num_latents)])
+    else:
+        memory, hidden = m.ttm.memory_size, m.ttm.token_learner_hidden
+        read = _token_learner_flops(clips, memory + s["combiner_inputs"], c.width, hidden, m.num_latents)
+        write = _token_learner_flops(clips, memory + s["combiner_inputs"] + m.num_latents, c.width, hidden,
+                                     memory)
+        add("combiner", fusion + read + write, [_stack_flops(c, clips, m.num_latents)])
+
+    t = m.time_aligned
+    latents = b * s["time_aligned_tokens"]
+    add("time_aligned", 2 * 2 * latents * c.width * t.width, [_stack_flops(t, b, s["time_aligned_tokens"])])
+
+    d = m.text_decoder
+    logits = 2 * b * s["text_length"] * d.width * padded_vocab_size(m.vocab_size)
+    add("text_decoder", logits, [_stack_flops(d, b, s["text_length"], s["time_aligned_tokens"], t.width)])
+
+    out["total"] = {k: sum(row[k] for row in out.values()) for k in ("forward", "train")}
+    return out
+
+
+# ---- XLA FLOPs --------------------------------------------------------------------------------
+
+def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """XLA's FLOP count of one lowered train step at `config.data.batch_size`, every scan unrolled.
+
+    Returns 'flops', the unrolled model's 'params' (to check it is the same model) and timings.
+    """
+    config = copy.deepcopy(config)
+    config.model.scan_layers = False
+    start = time.perf_counter()
+    model, optimizer, state = _state(config)
+    step = make_train_step(model, optimizer, config.loss)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    lowered = jax.jit(step).lower(state, abstract_batch(config, config.data.batch_size), rng)
+    lowered_at = time.perf_counter()
+    cost = lowered.cost_analysis()
+    return {
+        "flops": float(cost["flops"]),
+        "params": param_counts(state.params)["total"],
+        "lower_seconds": lowered_at - start,
+        "cost_analysis_seconds": time.perf_counter() - lowered_at,
+    }
+
+
+def summarize(config: ml_collections.ConfigDict, flops: bool = True) -> dict:
+    """Component -> param count, 'total', 'audio_video_fraction', 'sequence' (sizes),
+    'analytic_flops' (per component), and with `flops` 'train_step_flops' (XLA) and timings."""
+    configlib.validate(config)
+    _, _, state = _state(config)
+    summary = param_counts(state.params)
+    summary["audio_video_fraction"] = sum(summary[k] for k in AUDIO_VIDEO) / summary["total"]
+    summary["sequence"] = sequence_sizes(config)
+    summary["analytic_flops"] = analytic_flops(config, config.data.batch_size)
+    if flops:
+        xla = train_step_flops(config)
+        if xla["params"] != summary["total"]:
+            raise RuntimeError(f"the unrolled model has {xla['params']} params, the scanned one "
+                               f"{summary['total']}: its FLOPs would be another model's")
+        summary["train_step_flops"] = xla["flops"]
+        summary["lower_seconds"] = xla["lower_seconds"]
+        summary["cost_analysis_seconds"] = xla["cost_analysis_seconds"]
+    return summary
+
+
+# ---- printing ---------------------------------------------------------------------------------
+
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f}"
+
+
+def format_summary(summary: dict, config: ml_collections.ConfigDict) -> str:
+    s, flops = summary["sequence"], summary["analytic_flops"]
+    m, b = config.model, config.data.batch_size
+    combiner_in = s["combiner_inputs"] + (m.num_latents if m.combiner == "transformer" else m.ttm.memory_size)
+    lines = [
+        f"Mirasol3B  combiner={m.combiner}  dtype={m.dtype}  params={m.param_dtype}  remat={m.remat_policy}",
+        f"clip: {config.data.num_frames} frames = {s['snippets']} snippets x {s['frames_per_snippet']} frames"
+        f" ({s['audio_samples']} audio samples, {s['mel_frames']} mel frames each)",
+        f"tokens per snippet: video {s['video_tokens']}, audio {s['audio_tokens']}, Combiner input"
+        f" {combiner_in}, latents {s['latents']}",
+        f"time-aligned sequence {s['time_aligned_tokens']} tokens; text {s['text_length']} tokens"
+        f" cross-attending to {s['time_aligned_tokens']}",
+        "",
+        f"{'component':<15}{'params':>16}{'share':>8}{'fwd FLOPs/step':>17}{'train FLOPs/step':>19}",
+        "(analytic matmul FLOPs at batch " + str(b) + "; train = 3 x fwd + remat recompute)",
+    ]
+    for row in (*COMPONENTS, "total"):
+        n = summary[row]
+        if not n:
+            continue
+        f = flops.get(row, {"forward": 0, "train": 0})
+        lines.append(f"{row:<15}{n:>16,}{n / summary['total']:>8.1%}{_si(f['forward']):>17}{_si(f['train']):>19}")
+    lines.append(f"audio-video part: {summary['audio_video_fraction']:.1%} of the parameters")
+    if "train_step_flops" in summary:
+        xla = summary["train_step_flops"]
+        lines += [
+            "",
+            f"train step FLOPs (XLA cost analysis, lowered, unrolled): {_si(xla)}FLOP"
+            f"  = {xla / flops['total']['train']:.3f} x analytic",
+            f"lowering {summary['lower_seconds']:.1f} s, cost analysis {summary['cost_analysis_seconds']:.1f} s",
+        ]
+    return "\n".join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirasol3b.py[:ttm].")
+_FLOPS = flags.DEFINE_bool("flops", True, "Lower the train step to count its FLOPs.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = configlib.validate(_CONFIG.value)
+    start = time.perf_counter()
+    summary = summarize(config, flops=_FLOPS.value)
+    print(format_summary(summary, config))
+    print(f"summary took {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

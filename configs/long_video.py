@@ -10,4 +10,4 @@ def get_config(arg: str | None = None):
     config.data.num_frames = 512
     # 4x the media tokens per clip: a quarter of the clips keeps the tokens per step [ours].
     config.data.batch_size = config.data.batch_size // 4
-    return configlib.validate(config)
+    return configlib.validate(config).lock()

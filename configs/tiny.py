@@ -8,4 +8,4 @@ def get_config(arg: str | None = None):
     config = configlib.base_config()
     if args.ttm:
         config.model.combiner = "ttm"
-    return configlib.validate(config)
+    return configlib.validate(config).lock()

@@ -54,12 +54,15 @@ def sequence_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
         "text_length": config.data.text_length,
     }
     sizes["combiner_inputs"] = sizes["video_tokens"] + sizes["audio_tokens"]
+    # What the Combiner attends over (Transformer) or reads from (TTM) per snippet.
+    sizes["combiner_sequence"] = sizes["combiner_inputs"] + (
+        m.num_latents if m.combiner == "transformer" else m.ttm.memory_size)
     sizes["time_aligned_tokens"] = sizes["snippets"] * m.num_latents
     return sizes
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, concrete: bool = False) -> dict:
-    """The model batch for `config.data` as `ShapeDtypeStruct`s (or zeros with `concrete`)."""
+def example_batch(config: ml_collections.ConfigDict, batch_size: int, abstract: bool = True) -> dict:
+    """The model batch for `config.data`: `ShapeDtypeStruct`s, or zeros if not `abstract`."""
     m, s = config.model, sequence_sizes(config)
     length = config.data.text_length
     shapes = {
@@ -73,7 +76,7 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, concrete:
         shapes["video"] = ((batch_size, config.data.num_frames, size, size, 3), np.uint8)
     if m.use_audio:
         shapes["audio"] = ((batch_size, s["snippets"] * s["audio_samples"]), np.float32)
-    make = np.zeros if concrete else jax.ShapeDtypeStruct
+    make = jax.ShapeDtypeStruct if abstract else np.zeros
     return {k: make(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
@@ -81,7 +84,7 @@ def _state(config: ml_collections.ConfigDict):
     """(model, optimizer, unboxed abstract train state)."""
     model, optimizer = Mirasol3B(config.model), make_optimizer(config.train)
     # Params do not depend on the batch size; a one-clip batch is traced, never run.
-    abstract, _ = abstract_state(model, optimizer, abstract_batch(config, 1, concrete=True))
+    abstract, _ = abstract_state(model, optimizer, example_batch(config, 1, abstract=False))
     return model, optimizer, nn.unbox(abstract)
 
 
@@ -166,12 +169,11 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
     fusion = 2 * clips * c.width * (s["video_tokens"] * m.video_encoder.width * m.use_video
                                     + s["audio_tokens"] * m.audio_encoder.width * m.use_audio)
     if m.combiner == "transformer":
-        add("combiner", fusion, [_stack_flops(c, clips, s["combiner_inputs"] + m.num_latents)])
+        add("combiner", fusion, [_stack_flops(c, clips, s["combiner_sequence"])])
     else:
         memory, hidden = m.ttm.memory_size, m.ttm.token_learner_hidden
-        read = _token_learner_flops(clips, memory + s["combiner_inputs"], c.width, hidden, m.num_latents)
-        write = _token_learner_flops(clips, memory + s["combiner_inputs"] + m.num_latents, c.width, hidden,
-                                     memory)
+        read = _token_learner_flops(clips, s["combiner_sequence"], c.width, hidden, m.num_latents)
+        write = _token_learner_flops(clips, s["combiner_sequence"] + m.num_latents, c.width, hidden, memory)
         add("combiner", fusion + read + write, [_stack_flops(c, clips, m.num_latents)])
 
     t = m.time_aligned
@@ -191,22 +193,24 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
 def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, float]:
     """XLA's FLOP count of one lowered train step at `config.data.batch_size`, every scan unrolled.
 
-    Returns 'flops', the unrolled model's 'params' (to check it is the same model) and timings.
+    Returns 'flops', the unrolled model's 'params' (to check it is the same model) and
+    'seconds' spent on the abstract state, the lowering and the cost analysis.
     """
     config = copy.deepcopy(config)
     config.model.scan_layers = False
-    start = time.perf_counter()
+    times = [time.perf_counter()]
     model, optimizer, state = _state(config)
+    times.append(time.perf_counter())
     step = make_train_step(model, optimizer, config.loss)
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    lowered = jax.jit(step).lower(state, abstract_batch(config, config.data.batch_size), rng)
-    lowered_at = time.perf_counter()
-    cost = lowered.cost_analysis()
+    lowered = jax.jit(step).lower(state, example_batch(config, config.data.batch_size), rng)
+    times.append(time.perf_counter())
+    flops = float(lowered.cost_analysis()["flops"])
+    times.append(time.perf_counter())
     return {
-        "flops": float(cost["flops"]),
+        "flops": flops,
         "params": param_counts(state.params)["total"],
-        "lower_seconds": lowered_at - start,
-        "cost_analysis_seconds": time.perf_counter() - lowered_at,
+        "seconds": dict(zip(("state", "lower", "cost_analysis"), np.diff(times).tolist())),
     }
 
 
@@ -225,8 +229,7 @@ def summarize(config: ml_collections.ConfigDict, flops: bool = True) -> dict:
             raise RuntimeError(f"the unrolled model has {xla['params']} params, the scanned one "
                                f"{summary['total']}: its FLOPs would be another model's")
         summary["train_step_flops"] = xla["flops"]
-        summary["lower_seconds"] = xla["lower_seconds"]
-        summary["cost_analysis_seconds"] = xla["cost_analysis_seconds"]
+        summary["seconds"] = xla["seconds"]
     return summary
 
 
@@ -242,18 +245,19 @@ def _si(x: float) -> str:
 def format_summary(summary: dict, config: ml_collections.ConfigDict) -> str:
     s, flops = summary["sequence"], summary["analytic_flops"]
     m, b = config.model, config.data.batch_size
-    combiner_in = s["combiner_inputs"] + (m.num_latents if m.combiner == "transformer" else m.ttm.memory_size)
+    extra = "learned outputs" if m.combiner == "transformer" else "memory"
     lines = [
         f"Mirasol3B  combiner={m.combiner}  dtype={m.dtype}  params={m.param_dtype}  remat={m.remat_policy}",
         f"clip: {config.data.num_frames} frames = {s['snippets']} snippets x {s['frames_per_snippet']} frames"
         f" ({s['audio_samples']} audio samples, {s['mel_frames']} mel frames each)",
-        f"tokens per snippet: video {s['video_tokens']}, audio {s['audio_tokens']}, Combiner input"
-        f" {combiner_in}, latents {s['latents']}",
+        f"tokens per snippet: video {s['video_tokens']}, audio {s['audio_tokens']}; Combiner sequence"
+        f" {s['combiner_sequence']} ({s['combiner_inputs']} media +"
+        f" {s['combiner_sequence'] - s['combiner_inputs']} {extra}); latents {s['latents']}",
         f"time-aligned sequence {s['time_aligned_tokens']} tokens; text {s['text_length']} tokens"
         f" cross-attending to {s['time_aligned_tokens']}",
         "",
         f"{'component':<15}{'params':>16}{'share':>8}{'fwd FLOPs/step':>17}{'train FLOPs/step':>19}",
-        "(analytic matmul FLOPs at batch " + str(b) + "; train = 3 x fwd + remat recompute)",
+        f"(analytic matmul FLOPs at batch {b}; train = 3 x fwd + what remat recomputes)",
     ]
     for row in (*COMPONENTS, "total"):
         n = summary[row]
@@ -268,7 +272,7 @@ def format_summary(summary: dict, config: ml_collections.ConfigDict) -> str:
             "",
             f"train step FLOPs (XLA cost analysis, lowered, unrolled): {_si(xla)}FLOP"
             f"  = {xla / flops['total']['train']:.3f} x analytic",
-            f"lowering {summary['lower_seconds']:.1f} s, cost analysis {summary['cost_analysis_seconds']:.1f} s",
+            "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()),
         ]
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mirasol3b.layers import TokenEmbedding, TransformerSpec, TransformerStack, masks
+from mirasol3b.layers.embeddings import lookup
 from mirasol3b.layers.initializers import default_kernel_init, embedding_init, logical
 
 
@@ -50,7 +51,7 @@ class TextDecoder(nn.Module):
                            name="token_embedding")(tokens)
         table = self.param("position_embedding", logical(embedding_init, ("tokens", "embed")),
                            (self.max_length, s.width), s.weight_dtype)
-        x = x + jnp.take(table, positions, axis=0).astype(x.dtype)
+        x = x + lookup(table, positions, "tokens").astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
         kv_mask = None if media_mask is None else masks.key_padding(media_mask)
         x = TransformerStack(s, cross_attention=True, name="transformer")(

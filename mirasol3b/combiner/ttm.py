@@ -50,7 +50,11 @@ class _TTMStep(nn.Module):
 
 class TTMCombiner(nn.Module):
     """`tokens [batch, snippets, tokens, width]`, `media_mask [batch, snippets]`
-    -> `[batch, snippets, num_outputs, width]`."""
+    -> `[batch, snippets, num_outputs, width]`.
+
+    Scans over snippets; with `spec.scan_layers=False` the snippets are unrolled instead, with
+    the same parameters.
+    """
 
     spec: TransformerSpec
     num_outputs: int

@@ -48,4 +48,14 @@ class TokenEmbedding(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         table = self.param("embedding", logical(embedding_init, ("vocab", "embed")),
                            (self.vocab_size, self.width), self.param_dtype)
-        return jnp.take(table, tokens, axis=0).astype(self.dtype)
+        return lookup(table, tokens, "vocab").astype(self.dtype)
+
+
+def lookup(table: jax.Array, ids: jax.Array, row_axis: str) -> jax.Array:
+    """`table[ids]`, with the table's `embed` axis gathered first (FSDP gathers weights before use).
+
+    Without it the partitioner cannot move the fsdp-sharded embed axis onto the batch and
+    replicates whole activations instead.
+    """
+    table = nn.with_logical_constraint(table, (row_axis, None))
+    return jnp.take(table, ids, axis=0)

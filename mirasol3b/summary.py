@@ -84,7 +84,7 @@ def _state(config: ml_collections.ConfigDict):
     """(model, optimizer, unboxed abstract train state)."""
     model, optimizer = Mirasol3B(config.model), make_optimizer(config.train)
     # Params do not depend on the batch size; a one-clip batch is traced, never run.
-    abstract, _ = abstract_state(model, optimizer, example_batch(config, 1, abstract=False))
+    abstract, _ = abstract_state(model, optimizer, example_batch(config, 1))
     return model, optimizer, nn.unbox(abstract)
 
 

@@ -1,5 +1,7 @@
 """Generation over the KV cache behaves exactly like the teacher-forced model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +47,7 @@ def _setup(arg):
         "media_mask": jnp.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], bool),
         "text_inputs": seq,
     }
-    params = nn.unbox(model.init(jax.random.key(0), batch)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
     prompts = jnp.where(jnp.arange(PROMPT_LEN)[None] < PROMPT_LENGTHS[:, None], seq[:, :PROMPT_LEN], 0)
     gen_batch = {k: batch[k] for k in ("video", "audio", "media_mask")}
     gen_batch.update(prompts=prompts, prompt_lengths=jnp.asarray(PROMPT_LENGTHS, jnp.int32))
@@ -69,15 +71,16 @@ def test_cached_decoding_equals_full_forward(setup):
                         method=Mirasol3B.encode_media)
     window = decoding.right_align(gen["prompts"], gen["prompt_lengths"], PROMPT_LEN + NEW)
     cache = decoding.init_cache(model, params, media, BATCH, PROMPT_LEN + NEW)
-    logits, cache = decoding.decoder_step(model, params, cache, window.tokens, window.positions, 0,
-                                          window.slot_valid, media["media_token_mask"], media["media"])
+    step = jax.jit(functools.partial(decoding.decoder_step, model))  # one compile for all 5 steps
+    logits, cache = step(params, cache, window.tokens, window.positions, 0, window.slot_valid,
+                         media["media_token_mask"], media["media"])
     rows = np.arange(BATCH)
     np.testing.assert_allclose(logits[:, -1], full[rows, PROMPT_LENGTHS - 1], atol=DECODE_ATOL)
     for j in range(NEW):
         # Teacher forcing: feed each row's true next token at its own position.
         tokens = batch["text_inputs"][rows, PROMPT_LENGTHS + j][:, None]
-        logits, cache = decoding.decoder_step(model, params, cache, tokens, (PROMPT_LENGTHS + j)[:, None],
-                                              PROMPT_LEN + j, window.slot_valid, media["media_token_mask"])
+        logits, cache = step(params, cache, tokens, (PROMPT_LENGTHS + j)[:, None], PROMPT_LEN + j,
+                             window.slot_valid, media["media_token_mask"])
         np.testing.assert_allclose(logits[:, 0], full[rows, PROMPT_LENGTHS + j], atol=DECODE_ATOL)
 
 
@@ -90,15 +93,27 @@ def test_prompts_of_different_lengths_decode_as_if_alone(transformer_setup):
         np.testing.assert_array_equal(alone[0], together[row])
 
 
+def _with_answers(batch, gen, answers):
+    """The batch whose text is each row's prompt followed by `answers`, right-padded to one shape."""
+    rows = []
+    for row in range(BATCH):
+        n = PROMPT_LENGTHS[row]
+        seq = jnp.concatenate([gen["prompts"][row, :n], answers[row]])
+        rows.append(jnp.pad(seq, (0, PROMPT_LEN + NEW - seq.shape[0])))
+    return batch | {"text_inputs": jnp.stack(rows)}
+
+
+def _answer_logits(model, params, batch, gen, answers):
+    """`[batch, NEW, vocab]`: the teacher-forced logits that predict each answer token."""
+    logits = model.apply({"params": params}, _with_answers(batch, gen, answers))["logits"]
+    idx = PROMPT_LENGTHS[:, None] - 1 + np.arange(NEW)[None]
+    return jnp.take_along_axis(logits, jnp.asarray(idx)[:, :, None], axis=1)
+
+
 def test_greedy_is_the_argmax_of_the_teacher_forced_model(transformer_setup):
     model, params, batch, gen = transformer_setup
     out = _generate(model, params, gen, decoding.DecodeConfig(max_new_tokens=NEW, eos_id=-1))["tokens"]
-    for row in range(BATCH):
-        n = PROMPT_LENGTHS[row]
-        seq = jnp.concatenate([gen["prompts"][row, :n], out[row]])[None]
-        single = jax.tree.map(lambda x, r=row: x[r:r + 1], batch) | {"text_inputs": seq}
-        logits = model.apply({"params": params}, single)["logits"][0]
-        np.testing.assert_array_equal(jnp.argmax(logits[n - 1:n - 1 + NEW], -1), out[row])
+    np.testing.assert_array_equal(jnp.argmax(_answer_logits(model, params, batch, gen, out), -1), out)
 
 
 def test_beam_one_equals_greedy(setup):
@@ -112,14 +127,8 @@ def test_beam_one_equals_greedy(setup):
 
 def _sequence_logprob(model, params, batch, gen, tokens):
     """Summed log-probability of `tokens` after each prompt, from the full forward pass."""
-    total = []
-    for row in range(BATCH):
-        n = PROMPT_LENGTHS[row]
-        seq = jnp.concatenate([gen["prompts"][row, :n], tokens[row]])[None]
-        single = jax.tree.map(lambda x, r=row: x[r:r + 1], batch) | {"text_inputs": seq}
-        logp = jax.nn.log_softmax(model.apply({"params": params}, single)["logits"][0])
-        total.append(sum(float(logp[n - 1 + j, tokens[row, j]]) for j in range(tokens.shape[1])))
-    return np.array(total)
+    logp = jax.nn.log_softmax(_answer_logits(model, params, batch, gen, tokens))
+    return np.asarray(jnp.take_along_axis(logp, tokens[:, :, None], axis=-1)[..., 0].sum(-1))
 
 
 def test_beam_search_scores_are_sequence_log_probabilities(transformer_setup):

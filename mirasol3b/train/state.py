@@ -21,9 +21,15 @@ class TrainState:
 
 
 def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, example_batch: dict):
-    """The boxed (logically annotated) abstract state; nothing is allocated."""
+    """The boxed (logically annotated) abstract state, and its init function; nothing is allocated.
+
+    `example_batch` may hold arrays or `jax.ShapeDtypeStruct`s: only shapes and dtypes are used.
+    """
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example_batch)
+
     def init(rng):
-        variables = model.init({"params": rng, "dropout": rng}, example_batch, train=False)
+        batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        variables = model.init({"params": rng, "dropout": rng}, batch, train=False)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(nn.unbox(params)))

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mirasol3b.encoders.spectrogram import LogMelSpec, log_mel_spectrogram
-from mirasol3b.layers import TransformerSpec, TransformerStack
-from mirasol3b.layers.patches import PatchEmbedding
+from mirasol3b.layers import TransformerSpec
+from mirasol3b.layers.patches import snippet_vit
 
 # Log-mel values are in dB (about -100 to +40); this brings them near unit scale before the
 # patch projection, like pixel scaling does for video.
@@ -34,9 +34,6 @@ class AudioEncoder(nn.Module):
     def frames_per_snippet(self) -> int:
         return self.samples_per_snippet // self.logmel.hop_length
 
-    @property
-    def tokens_per_snippet(self) -> int:
-        return (self.frames_per_snippet // self.patch_frames) * (self.logmel.n_mels // self.patch_mels)
 
     @nn.compact
     def __call__(self, audio: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -47,9 +44,4 @@ class AudioEncoder(nn.Module):
         mel = log_mel_spectrogram(waves, self.logmel)[:, :self.frames_per_snippet]
         x = einops.rearrange(mel * _DB_SCALE, "bn (t pt) (m pm) -> bn (t m) (pt pm)",
                              pt=self.patch_frames, pm=self.patch_mels)
-        x = nn.with_logical_constraint(x, ("batch", "tokens", "patch"))
-        x = PatchEmbedding(self.spec.width, self.tokens_per_snippet, dtype=self.spec.compute_dtype,
-                           param_dtype=self.spec.weight_dtype, name="patch_embedding")(x)
-        x = TransformerStack(self.spec, name="transformer")(x, deterministic=deterministic)
-        x = einops.rearrange(x, "(b n) k d -> b n k d", b=b)
-        return nn.with_logical_constraint(x, ("batch", "snippets", "tokens", "embed"))
+        return snippet_vit(x, b, self.spec, "patch_embedding", deterministic=deterministic)

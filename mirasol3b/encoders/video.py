@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mirasol3b.layers import TransformerSpec, TransformerStack
-from mirasol3b.layers.patches import PatchEmbedding
+from mirasol3b.layers import TransformerSpec
+from mirasol3b.layers.patches import snippet_vit
 
 
 class VideoEncoder(nn.Module):
@@ -25,9 +25,6 @@ class VideoEncoder(nn.Module):
     tube_frames: int
     patch_size: int
 
-    @property
-    def tokens_per_snippet(self) -> int:
-        return (self.snippet_frames // self.tube_frames) * (self.image_size // self.patch_size) ** 2
 
     @nn.compact
     def __call__(self, video: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -43,9 +40,4 @@ class VideoEncoder(nn.Module):
         x = einops.rearrange(
             x, "b (n t pt) (h ph) (w pw) c -> (b n) (t h w) (pt ph pw c)",
             n=f // self.snippet_frames, pt=self.tube_frames, ph=self.patch_size, pw=self.patch_size)
-        x = nn.with_logical_constraint(x, ("batch", "tokens", "patch"))
-        x = PatchEmbedding(self.spec.width, self.tokens_per_snippet, dtype=self.spec.compute_dtype,
-                           param_dtype=self.spec.weight_dtype, name="tube_embedding")(x)
-        x = TransformerStack(self.spec, name="transformer")(x, deterministic=deterministic)
-        x = einops.rearrange(x, "(b n) k d -> b n k d", b=b)
-        return nn.with_logical_constraint(x, ("batch", "snippets", "tokens", "embed"))
+        return snippet_vit(x, b, self.spec, "tube_embedding", deterministic=deterministic)

@@ -1,13 +1,16 @@
-"""Linear embedding of flattened patches (tubes of video, tiles of a spectrogram)."""
+"""Linear embedding of flattened patches (tubes of video, tiles of a spectrogram), and the ViT on top."""
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from mirasol3b.layers.embeddings import LearnedPositions
 from mirasol3b.layers.initializers import default_kernel_init, logical
+from mirasol3b.layers.spec import TransformerSpec
+from mirasol3b.layers.stack import TransformerStack
 
 
 class PatchEmbedding(nn.Module):
@@ -26,3 +29,17 @@ class PatchEmbedding(nn.Module):
                      kernel_init=logical(default_kernel_init, ("patch", "embed")),
                      bias_init=logical(nn.initializers.zeros, ("embed",)))(patches.astype(self.dtype))
         return LearnedPositions(self.num_tokens, param_dtype=self.param_dtype, name="positions")(x)
+
+
+def snippet_vit(patches: jax.Array, batch: int, spec: TransformerSpec, embedding_name: str, *,
+                deterministic: bool) -> jax.Array:
+    """`patches [batch * snippets, tokens, patch_values]` -> `[batch, snippets, tokens, width]`.
+
+    Called from an encoder's compact `__call__`: the embedding and the stack become its submodules.
+    """
+    x = nn.with_logical_constraint(patches, ("batch", "tokens", "patch"))
+    x = PatchEmbedding(spec.width, patches.shape[1], dtype=spec.compute_dtype, param_dtype=spec.weight_dtype,
+                       name=embedding_name)(x)
+    x = TransformerStack(spec, name="transformer")(x, deterministic=deterministic)
+    x = einops.rearrange(x, "(b n) k d -> b n k d", b=batch)
+    return nn.with_logical_constraint(x, ("batch", "snippets", "tokens", "embed"))

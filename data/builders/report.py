@@ -1,0 +1,131 @@
+"""The build report every builder keeps: which examples were left out and why.
+
+A bad input (an undecodable file, a malformed manifest line, ...) never crashes a build: the builder
+records it here and goes on. The report is `skipped.jsonl`, one JSON object per skipped example:
+
+    {"split": "train", "file": "clips/a.mp4", "reason": "no_audio_track", "detail": "...",
+     "annotation": "manifest.jsonl", "line": 7}
+
+It lives in the config folder, beside the version folder that holds the dataset
+(`<data_dir>/<name>/<config>/skipped.jsonl`, see `skipped_report_path`), not inside it: TFDS
+generates into a temporary `incomplete.*` folder that it deletes when the build fails, and the
+report must outlive exactly those builds. Each build that generates data starts a fresh report.
+
+At the end of the build one summary line is printed, e.g.
+    local_media/tiny: kept 12, skipped 5 (empty_file 1, no_audio_track 2, ...); report: <path>
+A split whose every example was skipped fails the build (an empty split is a silent wrong result).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+SKIPPED_FILENAME = "skipped.jsonl"
+
+
+class SkipExample(Exception):
+    """Raised while making one example that must be left out; `reason` is a short code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class EmptySplitError(RuntimeError):
+    """Every example of a split was skipped."""
+
+
+def skipped_report_path(builder) -> Path:
+    """`<data_dir>/<name>/<config>/skipped.jsonl` for a TFDS builder (with or without configs).
+
+    Same answer during the build (when `builder.data_path` is TFDS's temporary folder, a sibling of
+    the version folder) and after it.
+    """
+    return Path(os.fspath(builder.data_path)).parent / SKIPPED_FILENAME
+
+
+def _skippable() -> tuple[type[BaseException], ...]:
+    # Imported here so that report.py stays usable by builders that never decode media.
+    from data.media import MediaError
+
+    return (MediaError, SkipExample)
+
+
+class BuildReport:
+    """Counts kept and skipped examples per split and appends each skip to `skipped.jsonl`.
+
+    Create it once per build (in `_split_generators`, which TFDS calls once) with the names of the
+    splits that will be generated; wrap each split's examples in `generate`. Every skip is appended
+    and flushed at once, so the file is complete whatever order the splits run in and even if a
+    later split crashes the build.
+    """
+
+    def __init__(self, builder, splits: Iterable[str]):
+        config = getattr(builder, "builder_config", None)
+        self.name = f"{builder.name}/{config.name}" if config is not None else builder.name
+        self.path = skipped_report_path(builder)
+        self.splits = list(splits)
+        self.kept: collections.Counter[str] = collections.Counter()
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self._finished: set[str] = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")  # a rebuild must not append to the previous build's report
+
+    def skip(self, split: str, file: str, reason: str, detail: str = "", *, annotation: str = "",
+             line: int | None = None) -> None:
+        row = {"split": split, "file": file, "reason": reason, "detail": detail, "annotation": annotation,
+               "line": line}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.skipped[split] += 1
+        self.reasons[reason] += 1
+
+    def keep(self, split: str) -> None:
+        self.kept[split] += 1
+
+    def summary(self) -> str:
+        kept = sum(self.kept.values())
+        text = f"{self.name}: kept {kept}"
+        if len(self.splits) > 1:
+            text += " (" + ", ".join(f"{s} {self.kept[s]}" for s in self.splits) + ")"
+        text += f", skipped {sum(self.skipped.values())}"
+        if self.reasons:
+            text += " (" + ", ".join(f"{r} {n}" for r, n in sorted(self.reasons.items())) + ")"
+        return f"{text}; report: {self.path}"
+
+    def finish_split(self, split: str) -> None:
+        """Fails on an empty split; prints the summary once every split is done."""
+        self._finished.add(split)
+        if not self.kept[split]:
+            raise EmptySplitError(
+                f"{self.name}: every example of split {split!r} was skipped ({self.skipped[split]} of them), "
+                f"so no dataset was written; see {self.path} for each file and reason. {self.summary()}")
+        if self._finished >= set(self.splits):
+            print(self.summary(), flush=True)
+
+    def generate(self, split: str, items: Iterable[Any], make_example: Callable[[Any], dict],
+                 describe: Callable[[Any], dict]) -> Iterator[tuple[str, dict]]:
+        """Yields `(key, example)` for each item of a split that `make_example` turns into an example.
+
+        `describe(item)` gives `key`, `file`, `annotation` and `line` for the item. A `MediaError` or
+        `SkipExample` from `make_example` is recorded and the item left out; any other exception is a
+        bug and crashes the build (TFDS then leaves no dataset behind).
+        """
+        skippable = _skippable()
+        for item in items:
+            where = describe(item)
+            try:
+                example = make_example(item)
+            except skippable as e:
+                self.skip(split, where.get("file", ""), e.reason, getattr(e, "detail", "") or str(e),
+                          annotation=where.get("annotation", ""), line=where.get("line"))
+                continue
+            self.keep(split)
+            yield where["key"], example
+        self.finish_split(split)

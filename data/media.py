@@ -1,0 +1,459 @@
+"""Decoding a media file into an aligned clip: the one decode path every dataset builder uses.
+
+`decode_clip(path, spec)` reads a file with PyAV in one pass and returns whole snippets of
+frames resampled to `spec.fps`, resized and centre-cropped to `spec.image_size`, and mono audio at
+`spec.sample_rate`, both on the same clock so that snippet k's frames and samples cover the same
+time span. A file that cannot become an example raises `MediaError` with a stable `reason`.
+
+Time. Every timestamp is taken from the streams (pts * time_base), never from frame counts, and
+measured from the video stream's start (`origin`): the clip begins with the first picture.
+  Video: target frame i is the last source frame whose pts <= start + i / spec.fps.
+  Audio: each decoded frame is placed at its own pts, so AAC priming/padding and gaps in the
+  track do not shift the sound; where no audio sample lands, the clip holds zeros.
+Audio that ends early. If the placed audio covers at least `MIN_AUDIO_COVERAGE` of the kept
+window, the uncovered rest stays silent (zeros) and the clip counts as having audio; below that
+the track is treated as missing: `spec.missing_audio == "skip"` raises "no_audio_track",
+"silence" returns an all-zero track with `audio_missing=True`.
+Truncation. A file is "truncated" when reading or video decoding fails after some frames, when an
+mp4 ends before its index (moov) was written, when it holds fewer video frames than its header
+lists (2% slack), or when its media ends well before the header's duration (> max(0.25 s, 2%)).
+Files with no duration in the header (live-recorded webm) are measured by demuxing to the end;
+past the window, packets are only timed, not decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from data.spec import MediaSpec
+
+MEDIA_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".ogv")
+REASONS = ("not_found", "empty_file", "wrong_extension", "undecodable", "truncated", "no_video_stream",
+           "no_audio_track", "too_short")
+# Below this fraction of the kept window covered by real audio samples, the track counts as missing.
+MIN_AUDIO_COVERAGE = 0.5
+# Audio is decoded this far either side of the window so resampler edges fall outside it.
+_AUDIO_MARGIN = Fraction(1, 5)
+# Consecutive audio frames whose timestamps differ from the running sample count by more than
+# this start a new placed run (a real gap or overlap), rather than being concatenated.
+_AUDIO_GAP = Fraction(1, 200)
+# Decoding from the file start wastes time only when the window starts late; then seek this
+# far before it (to the keyframe at or before that point).
+_SEEK_AFTER = 10.0
+_SEEK_LEAD = Fraction(1)
+
+
+class MediaError(Exception):
+    """A file that cannot become an example. `reason` is a short stable code (one of `REASONS`),
+    `detail` says what happened."""
+
+    def __init__(self, path: str, reason: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown MediaError reason {reason!r}")
+        super().__init__(f"{path}: {reason}: {detail}")
+        self.path, self.reason, self.detail = str(path), reason, detail
+
+    def __reduce__(self):  # keeps the three fields through pickling (multiprocessing builders)
+        return MediaError, (self.path, self.reason, self.detail)
+
+
+@dataclasses.dataclass
+class Clip:
+    video: np.ndarray  # uint8 [num_snippets * snippet_frames, image_size, image_size, 3]
+    audio: np.ndarray  # float32 [num_snippets * samples_per_snippet], mono at spec.sample_rate, in [-1, 1]
+    num_snippets: int  # 1..spec.max_snippets
+    audio_missing: bool  # True: the file had no (usable) audio and silence was filled in
+    source_fps: float  # frames seen / seconds of video they span, from the timestamps
+    source_sample_rate: int | None  # rate of the audio track; None if the file has none
+    duration: float  # seconds of video actually decoded/demuxed from the file, from its first frame
+
+
+def _flush(stream) -> list:
+    """Frames still buffered in the stream's decoder; none if the demuxer's final empty packet
+    already drained it."""
+    try:
+        return stream.codec_context.decode(None)
+    except av.error.EOFError:
+        return []
+
+
+def _seconds(ts: int | None, time_base: Fraction) -> Fraction | None:
+    return None if ts is None else ts * time_base
+
+
+# ----------------------------------------------------------------------------------------- video
+
+
+def _frame_to_image(frame: av.VideoFrame, size: int, sample_aspect: Fraction) -> np.ndarray:
+    """Display-correct RGB image of `frame`: pixel aspect and rotation applied, shorter side resized
+    to `size`, centre crop. Returns uint8 [size, size, 3]."""
+    width = frame.width * sample_aspect  # display width of the stored (unrotated) picture
+    scale = Fraction(size) / min(width, frame.height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(frame.height * scale))
+    # AREA averages when shrinking (no aliasing); it degrades to bilinear-like when enlarging.
+    image = frame.reformat(width=new_w, height=new_h, format="rgb24", interpolation="AREA").to_ndarray()
+    # The display matrix says how far the picture is turned counter-clockwise when stored.
+    quarter_turns = round((frame.rotation or 0) / 90) % 4
+    image = np.rot90(image, quarter_turns)
+    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    return np.ascontiguousarray(image[top:top + size, left:left + size])
+
+
+class _Video:
+    """Picks target frames out of the decoded video stream and measures where it ends."""
+
+    def __init__(self, stream, spec: MediaSpec, start: Fraction):
+        self.stream, self.spec, self.start = stream, spec, start
+        self.tb = stream.time_base
+        self.fps = Fraction(str(spec.fps))
+        sar = stream.sample_aspect_ratio
+        self.sample_aspect = Fraction(sar) if sar and sar > 0 else Fraction(1)
+        self.origin: Fraction | None = _seconds(stream.start_time, self.tb)
+        self.images: list[np.ndarray] = []  # target frames found so far, in order
+        self.prev = None  # (time, frame, cached image) of the latest frame at or before the next target
+        self.decoded = 0
+        self.decoding = True  # False once the window is filled: later packets are only timed
+        self.packets = 0
+        self.first: Fraction | None = None
+        self.end: Fraction | None = None  # time just after the last frame seen
+        self.step: Fraction = Fraction(0)  # last frame's duration (or typical interval)
+
+    def target(self, i: int) -> Fraction:
+        return self.origin + self.start + i / self.fps
+
+    @property
+    def window_end(self) -> Fraction:
+        return self.target(self.spec.num_frames)
+
+    def _extend(self, t: Fraction, duration: Fraction | None) -> None:
+        if duration:
+            self.step = duration
+        elif self.end is not None and t > self.end - self.step:
+            self.step = t - (self.end - self.step)  # interval from the previous frame
+        self.first = t if self.first is None else min(self.first, t)
+        self.end = t + self.step if self.end is None else max(self.end, t + self.step)
+
+    def packet(self, packet) -> None:
+        """Feeds one demuxed packet (None: flush). Decoding errors propagate to the caller."""
+        if packet is not None:
+            self.packets += packet.size > 0
+            if not self.decoding:
+                t = _seconds(packet.pts if packet.pts is not None else packet.dts, self.tb)
+                if t is not None:
+                    self._extend(t, _seconds(packet.duration, self.tb))
+                return
+        for frame in packet.decode() if packet is not None else _flush(self.stream):
+            self._frame(frame)
+
+    def _frame(self, frame) -> None:
+        t = _seconds(frame.pts if frame.pts is not None else frame.dts, self.tb)
+        if t is None:  # no timestamp at all: assume the stream's nominal rate
+            rate = self.stream.average_rate or self.stream.guessed_rate or 25
+            t = (self.end if self.end is not None else Fraction(0))
+            self._extend(t, 1 / Fraction(rate))
+        else:
+            self._extend(t, _seconds(frame.duration, self.tb))
+        self.decoded += 1
+        if self.origin is None:
+            self.origin = t
+        # Every target before this frame's time shows the previous frame.
+        while len(self.images) < self.spec.num_frames and self.target(len(self.images)) < t:
+            self._emit(self.prev or (t, frame, None))
+        self.prev = (t, frame, None)
+        self.decoding = not (len(self.images) == self.spec.num_frames and self.end >= self.window_end)
+
+    def _emit(self, prev) -> None:
+        t, frame, image = prev
+        if image is None:
+            image = _frame_to_image(frame, self.spec.image_size, self.sample_aspect)
+            self.prev = (t, frame, image) if self.prev is prev else self.prev
+        self.images.append(image)
+
+    def finish(self) -> None:
+        """After the stream ends: targets before the end of the last frame show it."""
+        while (self.prev is not None and len(self.images) < self.spec.num_frames
+               and self.target(len(self.images)) < self.end):
+            self._emit(self.prev)
+
+
+# ----------------------------------------------------------------------------------------- audio
+
+
+def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
+    """Mean of the channels of one decoded audio frame, float32 [samples] in [-1, 1]."""
+    data = frame.to_ndarray()
+    channels = frame.layout.nb_channels
+    if not frame.format.is_planar:  # packed: one row of interleaved samples
+        data = data.reshape(-1, channels).T
+    if data.dtype == np.uint8:
+        data = (data.astype(np.float32) - 128) / 128
+    elif np.issubdtype(data.dtype, np.integer):
+        data = data.astype(np.float32) / float(-np.iinfo(data.dtype).min)
+    return data.astype(np.float32).mean(axis=0)
+
+
+def _resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """float32 [n] at `rate` -> float32 [~n * target / rate] at `target` (libswresample)."""
+    if rate == target or not len(x):
+        return x
+    frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
+    frame.sample_rate = rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target)
+    out = resampler.resample(frame) + resampler.resample(None)
+    return np.concatenate([f.to_ndarray().reshape(-1) for f in out]) if out else np.zeros(0, np.float32)
+
+
+@dataclasses.dataclass
+class _Run:
+    """Audio samples that follow each other without a gap, from `start` seconds on."""
+
+    start: Fraction
+    rate: int
+    chunks: list  # mono float32 arrays
+    samples: int = 0
+
+    @property
+    def end(self) -> Fraction:
+        return self.start + Fraction(self.samples, self.rate)
+
+
+class _Audio:
+    """Collects decoded audio near the window as runs of contiguous samples, each placed at its
+    first frame's timestamp."""
+
+    def __init__(self, stream):
+        self.stream, self.tb = stream, stream.time_base
+        self.runs: list[_Run] = []
+        # Set once the video origin is known: audio outside [decode_from, decode_until) is not kept.
+        self.decode_from: Fraction | None = None
+        self.decode_until: Fraction | None = None
+        self.end: Fraction | None = None  # time just after the last audio seen
+        self.errors = 0  # packets that failed to decode
+
+    def packet(self, packet) -> None:
+        """Feeds one demuxed packet (None: flush). A packet that fails to decode is skipped: it
+        leaves a silent gap, and a file cut short is caught by its end time instead."""
+        if packet is not None:
+            t = _seconds(packet.pts, self.tb)
+            if t is not None and self.decode_until is not None and t >= self.decode_until:
+                self._extend(t + (_seconds(packet.duration, self.tb) or 0))
+                return
+        try:
+            frames = packet.decode() if packet is not None else _flush(self.stream)
+        except av.error.FFmpegError:
+            self.errors += 1
+            return
+        for frame in frames:
+            self._frame(frame)
+
+    def _extend(self, end: Fraction) -> None:
+        self.end = end if self.end is None else max(self.end, end)
+
+    def _frame(self, frame) -> None:
+        run = self.runs[-1] if self.runs else None
+        t = _seconds(frame.pts, self.tb)
+        if t is None:  # untimed frame: it follows the previous one
+            if run is None:
+                return
+            t = run.end
+        duration = Fraction(frame.samples, frame.sample_rate)
+        self._extend(t + duration)
+        if self.decode_from is not None and t + duration < self.decode_from:
+            return
+        if run is None or run.rate != frame.sample_rate or abs(t - run.end) > _AUDIO_GAP:
+            run = _Run(t, frame.sample_rate, [])
+            self.runs.append(run)
+        run.chunks.append(_frame_to_mono(frame))
+        run.samples += frame.samples
+
+    def place(self, origin: Fraction, start: Fraction, num_samples: int, sample_rate: int):
+        """Puts the runs on the clip's clock. Returns (float32 [num_samples], bool [num_samples]
+        coverage): sample j is at time origin + start + j / sample_rate."""
+        out = np.zeros(num_samples, np.float32)
+        covered = np.zeros(num_samples, bool)
+        for run in self.runs:
+            y = _resample(np.concatenate(run.chunks), run.rate, sample_rate)
+            # To the nearest output sample: placement is exact to half a sample (31 us at 16 kHz).
+            offset = round((run.start - origin - start) * sample_rate)
+            lo, hi = max(0, offset), min(num_samples, offset + len(y))
+            if lo < hi:
+                out[lo:hi] = y[lo - offset:hi - offset]
+                covered[lo:hi] = True
+        return np.clip(out, -1.0, 1.0), covered
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise MediaError(path, "not_found", "no such file")
+    if not os.path.isfile(path):
+        raise MediaError(path, "not_found", "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise MediaError(path, "empty_file", "the file has zero bytes")
+    if not path.lower().endswith(MEDIA_EXTENSIONS):
+        raise MediaError(path, "wrong_extension",
+                         f"{os.path.splitext(path)[1] or 'no extension'} is not a video container {MEDIA_EXTENSIONS}")
+
+
+def _mp4_cut_off(path: str) -> bool:
+    """True for an ISO-BMFF file (mp4/mov) that starts well but ends inside a top-level box before
+    any index (moov) was written: a recording or copy that stopped early."""
+    size = os.path.getsize(path)
+    offset, kinds = 0, []
+    with open(path, "rb") as f:
+        while offset + 8 <= size:
+            f.seek(offset)
+            header = f.read(16)
+            box_size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if box_size == 1 and len(header) == 16:  # 64-bit size follows the type
+                box_size = int.from_bytes(header[8:16], "big")
+            if not kinds and kind != b"ftyp":
+                return False
+            kinds.append(kind)
+            if box_size < 8:  # 0 means "to the end of the file"; anything else below 8 is not a box
+                break
+            offset += box_size
+    return b"moov" not in kinds and offset > size
+
+
+def _open(path: str):
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except av.error.FFmpegError as e:
+        if _mp4_cut_off(path):
+            raise MediaError(path, "truncated", f"mp4 cut off before its index (moov) was written: {e}") from e
+        raise MediaError(path, "undecodable", f"cannot open: {e}") from e
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise MediaError(path, "undecodable", f"cannot open: {e}") from e
+
+
+def _video_stream(container):
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:  # cover art is not video
+            return stream
+    return None
+
+
+def decode_clip(path: str | os.PathLike, spec: MediaSpec, start_seconds: float = 0.0) -> Clip:
+    """Decodes whole snippets of `path` from `start_seconds` (measured from the first frame) on,
+    at most `spec.max_snippets` of them. Raises MediaError; see the module docstring for timing."""
+    path = os.fspath(path)
+    _check_file(path)
+    start = Fraction(start_seconds).limit_denominator(1_000_000)
+    if start < 0:
+        raise ValueError(f"decode_clip: start_seconds must be >= 0, got {start_seconds}")
+    with _open(path) as container:
+        try:
+            return _decode(path, container, spec, start)
+        except MediaError:
+            raise
+        except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as e:
+            raise MediaError(path, "undecodable", f"{type(e).__name__}: {e}") from e
+
+
+def _decode(path: str, container, spec: MediaSpec, start: Fraction) -> Clip:
+    video_stream = _video_stream(container)
+    if video_stream is None:
+        raise MediaError(path, "no_video_stream", f"streams: {[s.type for s in container.streams] or 'none'}")
+    audio_stream = container.streams.audio[0] if container.streams.audio else None
+    video = _Video(video_stream, spec, start)
+    audio = _Audio(audio_stream) if audio_stream is not None else None
+    for stream in (video_stream, audio_stream):
+        if stream is not None:
+            stream.thread_type = "AUTO"
+
+    seeked = start > _SEEK_AFTER and video.origin is not None
+    if seeked:
+        target = video.origin + start - _SEEK_LEAD
+        container.seek(int(target / video.tb), stream=video_stream, backward=True)
+
+    failure = _read(container, video, audio, start)
+    if audio is not None:
+        audio.packet(None)
+    video.finish()
+
+    if not video.decoded:
+        raise MediaError(path, "undecodable", f"no video frame could be decoded"
+                                              + (f" ({failure[0]}: {failure[1]})" if failure else ""))
+    if failure:
+        raise MediaError(path, "truncated", f"{failure[0]} failed after {video.decoded} frames: {failure[1]}")
+    _check_complete(path, container, video_stream, video, audio, seeked)
+
+    clip_start = video.origin + start
+    usable = video.end - clip_start
+    num_snippets = min(spec.max_snippets, max(0, math.floor(usable * video.fps / spec.snippet_frames)))
+    if num_snippets < 1:
+        raise MediaError(path, "too_short", f"{float(max(usable, 0)):.3f} s of video from {float(start):.3f} s; "
+                                            f"one snippet needs {spec.snippet_seconds:.3f} s")
+    num_frames = num_snippets * spec.snippet_frames
+    num_samples = num_snippets * spec.samples_per_snippet
+    assert len(video.images) >= num_frames, (len(video.images), num_frames)
+
+    samples, coverage = (audio.place(video.origin, start, num_samples, spec.sample_rate) if audio is not None
+                         else (np.zeros(num_samples, np.float32), np.zeros(num_samples, bool)))
+    covered = float(coverage.mean())
+    audio_missing = covered < MIN_AUDIO_COVERAGE
+    if audio_missing:
+        what = ("the file has no audio track" if audio_stream is None else
+                f"audio covers only {covered:.0%} of the {num_samples / spec.sample_rate:.2f} s window"
+                + (f" ({audio.errors} audio packets failed to decode)" if audio.errors else ""))
+        if spec.missing_audio == "skip":
+            raise MediaError(path, "no_audio_track", what)
+        samples = np.zeros(num_samples, np.float32)
+
+    span = video.end - video.first
+    return Clip(
+        video=np.stack(video.images[:num_frames]),
+        audio=samples,
+        num_snippets=num_snippets,
+        audio_missing=audio_missing,
+        source_fps=float(video.packets / span) if span > 0 else float(video_stream.average_rate or 0),
+        source_sample_rate=audio_stream.sample_rate if audio_stream is not None else None,
+        duration=float(video.end - video.origin),
+    )
+
+
+def _read(container, video: _Video, audio: _Audio | None, start: Fraction) -> tuple[str, Exception] | None:
+    """Feeds every packet to its track, then flushes the video decoder. Returns what stopped the
+    pass early (reading the file or decoding the video, and the error), or None."""
+    streams = [video.stream] + ([audio.stream] if audio is not None else [])
+    packets = iter(container.demux(*streams))
+    while True:
+        try:
+            packet = next(packets, None)
+        except av.error.FFmpegError as e:
+            return "reading", e
+        if audio is not None and audio.decode_until is None and video.origin is not None:
+            audio.decode_from = video.origin + start - _AUDIO_MARGIN
+            audio.decode_until = video.window_end + _AUDIO_MARGIN
+        try:
+            if packet is None or packet.stream.index == video.stream.index:
+                video.packet(packet)
+            else:
+                audio.packet(packet)
+        except av.error.FFmpegError as e:
+            return "decoding video", e
+        if packet is None:
+            return None
+
+
+def _check_complete(path, container, video_stream, video: _Video, audio: _Audio | None, seeked: bool) -> None:
+    """Raises "truncated" when the file holds far less than its header promises."""
+    promised = video_stream.frames
+    if promised and not seeked and video.packets < promised - max(1, promised // 50):
+        raise MediaError(path, "truncated", f"{video.packets} video frames of the {promised} the header lists")
+    if container.duration:
+        header_end = Fraction(container.duration, av.time_base) + Fraction(container.start_time or 0, av.time_base)
+        ends = [video.end] + ([audio.end] if audio is not None and audio.end is not None else [])
+        present = max(ends)
+        if header_end - present > max(Fraction(1, 4), header_end / 50):
+            raise MediaError(path, "truncated", f"media ends at {float(present):.2f} s, the header says "
+                                                f"{float(header_end):.2f} s")

@@ -1,0 +1,307 @@
+"""Annotations, read into manifest-style records: the local manifest and the public formats of
+MSRVTT-QA, ActivityNet-QA, NExT-QA, VGG-Sound and Kinetics(-Sound), read from files the user
+already has (nothing is downloaded).
+
+A record is a dict as one manifest line would be:
+    {"video": path, "question": ..., "answer": ..., "question_type": ...}   question answering
+    {"video": path, "caption": ...}                                          captioning
+    {"video": path, "label": ...}                                            classification
+with optional "start" (seconds into the file) and "split". Every reader yields `(line, item)`:
+`line` is the 1-based line of a JSONL/CSV file or the 1-based entry of a JSON list, `item` is a
+record or, for a row that cannot be read, a `BadRow` — never an exception — so that a builder
+counts it in its report and goes on. `check_record` turns a record into the text fields of an
+example (`data/spec.py`) or a `BadRow`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from data.spec import DEFAULT_PROMPTS
+
+MANIFEST_FIELDS = ("video", "question", "answer", "question_type", "caption", "label", "start", "split")
+# Split names go into file names; TFDS reserves "all".
+_SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+# The public releases' split names -> TFDS's.
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "validate": "validation"}
+# ActivityNet-QA's answer "type" codes (dataset/README.md of MILVLG/activitynet-qa).
+ACTIVITYNET_QA_TYPES = {0: "motion", 1: "spatial_relation", 2: "temporal_relation", 3: "yes_no", 4: "color",
+                        5: "object", 6: "location", 7: "number", 8: "other"}
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+    """An annotation row that cannot become an example: `reason` is the report's code."""
+
+    reason: str
+    detail: str
+    video: str = ""  # best effort, for the report
+    split: str | None = None  # best effort: the row's own split when it names a valid one
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """A checked record: where the media is and the text fields of its example."""
+
+    video: str
+    start: float
+    split: str | None  # None: the split of the file it came from
+    kind: str
+    prompt: str
+    answer: str
+    question_type: str
+
+
+def split_name(name: str) -> str:
+    return SPLIT_ALIASES.get(name, name)
+
+
+def _text(record: dict, key: str) -> str:
+    value = record[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_record(record: Any) -> Record | BadRow:
+    """Validates one manifest-style record. Unknown field -> "unknown_field"; anything else wrong
+    (not an object, a missing or mistyped field, no or several kinds) -> "bad_manifest_line"."""
+    if not isinstance(record, dict):
+        return BadRow("bad_manifest_line", f"expected a JSON object, got {type(record).__name__}")
+    video = record.get("video") if isinstance(record.get("video"), str) else ""
+    split = record.get("split")
+    split = split_name(split) if isinstance(split, str) and _SPLIT_NAME.fullmatch(split_name(split)) else None
+    unknown = [k for k in record if k not in MANIFEST_FIELDS]
+    if unknown:
+        return BadRow("unknown_field", f"unknown field {unknown[0]!r} (allowed: {', '.join(MANIFEST_FIELDS)})",
+                      video, split)
+    try:
+        if not video:
+            raise ValueError(f"'video' must be a non-empty string, got {record.get('video')!r}")
+        if "split" in record and split is None:
+            raise ValueError(f"'split' must be a lowercase name like 'train', got {record['split']!r}")
+        start = record.get("start", 0.0)
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not start >= 0:
+            raise ValueError(f"'start' must be a number of seconds >= 0, got {start!r}")
+        kinds = [k for k in ("question", "caption", "label") if k in record]
+        if len(kinds) != 1:
+            raise ValueError(f"needs exactly one of 'question' (with 'answer'), 'caption', 'label'; got {kinds}")
+        if "answer" in record and kinds != ["question"]:
+            raise ValueError("'answer' goes with 'question'")
+        question_type = record.get("question_type", "")
+        if not isinstance(question_type, str):
+            raise ValueError(f"'question_type' must be a string, got {question_type!r}")
+        if kinds == ["question"]:
+            if "answer" not in record:
+                raise ValueError("'question' without 'answer'")
+            kind, prompt, answer = "qa", _text(record, "question"), _text(record, "answer")
+        elif kinds == ["caption"]:
+            kind, prompt, answer = "caption", DEFAULT_PROMPTS["caption"], _text(record, "caption")
+        else:
+            kind, prompt, answer = "classification", DEFAULT_PROMPTS["classification"], _text(record, "label")
+    except ValueError as e:
+        return BadRow("bad_manifest_line", str(e), video, split)
+    return Record(video, float(start), split, kind, prompt, answer, question_type)
+
+
+def read_manifest(path: str | os.PathLike) -> Iterator[tuple[int, dict | BadRow]]:
+    """`manifest.jsonl`: one JSON object per line; blank lines are ignored. A line that is not
+    JSON is a `BadRow("bad_manifest_line")`; fields are checked by `check_record`."""
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield line_number, BadRow("bad_manifest_line", f"not JSON: {e}")
+
+
+def _bad(detail: str, video: str = "") -> BadRow:
+    return BadRow("bad_annotation", detail, video)
+
+
+def _json_list(path) -> list:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+    return data
+
+
+def read_msrvtt_qa(annotation_json, video_dir) -> Iterator[tuple[int, dict | BadRow]]:
+    """MSRVTT-QA (`train_qa.json`, `val_qa.json`, `test_qa.json` of the released annotations): a
+    JSON list of {"answer", "category_id", "id", "question", "video_id"}, `video_id` an int N (or
+    the string "videoN") for the file `video{N}.mp4` of MSR-VTT. `question_type` is the question's
+    first word (what/who/how/when/where), the groups per-type accuracy is reported in."""
+    for i, entry in enumerate(_json_list(annotation_json), 1):
+        try:
+            vid = entry["video_id"]
+            number = int(vid[len("video"):] if isinstance(vid, str) and vid.startswith("video") else vid)
+            question, answer = entry["question"], entry["answer"]
+            if not (isinstance(question, str) and question.split() and isinstance(answer, str) and answer.strip()):
+                raise ValueError(f"empty or non-text question/answer: {question!r} / {answer!r}")
+        except (KeyError, TypeError, ValueError) as e:
+            yield i, _bad(f"entry {i}: {type(e).__name__}: {e}")
+            continue
+        yield i, {"video": os.path.join(video_dir, f"video{number}.mp4"), "question": question,
+                  "answer": answer, "question_type": question.split()[0].lower()}
+
+
+def _find_video(video_dir, names: Iterable[str], listing: dict[str, str]) -> str:
+    """The file in `video_dir` named one of `names` with one of VIDEO_EXTENSIONS; else the first
+    candidate (which then fails as "not_found" when decoded)."""
+    names = list(names)
+    for name in names:
+        if name in listing:
+            return os.path.join(video_dir, listing[name])
+    return os.path.join(video_dir, names[0] + VIDEO_EXTENSIONS[0])
+
+
+def _listing(video_dir) -> dict[str, str]:
+    """stem -> file name for the videos in `video_dir` (one listing instead of a stat per row);
+    the earliest of VIDEO_EXTENSIONS wins when a stem has several."""
+    out: dict[str, str] = {}
+    names = os.listdir(video_dir) if os.path.isdir(video_dir) else []
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if ext in VIDEO_EXTENSIONS and (stem not in out or VIDEO_EXTENSIONS.index(ext) <
+                                        VIDEO_EXTENSIONS.index(os.path.splitext(out[stem])[1])):
+            out[stem] = name
+    return out
+
+
+def read_activitynet_qa(questions_json, answers_json, video_dir) -> Iterator[tuple[int, dict | BadRow]]:
+    """ActivityNet-QA (MILVLG/activitynet-qa `dataset/{train,val,test}_{q,a}.json`): questions
+    [{"video_name", "question", "question_id"}], answers [{"answer", "type", "question_id"}] with
+    `type` an int code (`ACTIVITYNET_QA_TYPES`, e.g. 0 motion, 3 yes/no). `video_name` is the
+    YouTube id; the file is `v_{video_name}` (ActivityNet's naming) or `{video_name}`, with
+    whichever of .mp4/.mkv/.webm exists. `line` counts entries of the questions file."""
+    answers: dict[str, dict] = {}
+    for entry in _json_list(answers_json):
+        if isinstance(entry, dict) and "question_id" in entry:
+            answers[str(entry["question_id"])] = entry
+    listing = _listing(video_dir)
+    for i, entry in enumerate(_json_list(questions_json), 1):
+        try:
+            name, question, qid = entry["video_name"], entry["question"], str(entry["question_id"])
+            if qid not in answers:
+                raise ValueError(f"no answer for question_id {qid!r} in {os.path.basename(answers_json)}")
+            answer = answers[qid]["answer"]
+            type_code = answers[qid].get("type")
+            if not all(isinstance(s, str) and s.strip() for s in (name, question, answer)):
+                raise ValueError(f"empty or non-text video_name/question/answer: {name!r} / {question!r} / {answer!r}")
+        except (KeyError, TypeError, ValueError) as e:
+            yield i, _bad(f"entry {i}: {type(e).__name__}: {e}")
+            continue
+        yield i, {"video": _find_video(video_dir, (f"v_{name}", name), listing), "question": question,
+                  "answer": answer, "question_type": ACTIVITYNET_QA_TYPES.get(type_code, str(type_code or ""))}
+
+
+def _csv_rows(path, header: bool) -> Iterator[tuple[int, dict | list]]:
+    """(line number, row) of a CSV file; a DictReader's rows when it has a header."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.DictReader(f) if header else csv.reader(f)
+        for row in rows:
+            if row and any((v or "").strip() for v in (row.values() if header else row) if isinstance(v, str)):
+                yield rows.line_num, row
+
+
+def read_nextqa(csv_path, video_dir, map_json=None) -> Iterator[tuple[int, dict | BadRow]]:
+    """NExT-QA (doc-doc/NExT-QA `dataset/nextqa/{train,val,test}.csv`): columns
+    video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4 where `answer` is the
+    index of the correct option, so the record's answer is the text of option a{answer}; `type` is
+    the question type (CW, CH, TN, TC, TP, DC, DL, DO). The file is `{map[video]}.mp4` with
+    `map_vid_vidorID.json` (video id -> "dir/vidor id") when given, else `{video}.mp4`."""
+    mapping = None
+    if map_json is not None:
+        with open(map_json, encoding="utf-8") as f:
+            mapping = {str(k): v for k, v in json.load(f).items()}
+    for line, row in _csv_rows(csv_path, header=True):
+        try:
+            vid, question = (row["video"] or "").strip(), row["question"]
+            index = int(row["answer"])
+            if not 0 <= index <= 4:
+                raise ValueError(f"answer index {index} is not 0..4")
+            answer = row[f"a{index}"]
+            if not vid or not (question or "").strip() or not (answer or "").strip():
+                raise ValueError(f"empty video/question/answer option: {vid!r} / {question!r} / {answer!r}")
+            if mapping is not None and vid not in mapping:
+                raise ValueError(f"video {vid} is not in {os.path.basename(map_json)}")
+        except (KeyError, TypeError, ValueError) as e:
+            yield line, _bad(f"line {line}: {type(e).__name__}: {e}")
+            continue
+        relative = mapping[vid] if mapping is not None else vid
+        yield line, {"video": os.path.join(video_dir, f"{relative}.mp4"), "question": question.strip(),
+                     "answer": answer.strip(), "question_type": (row.get("type") or "").strip()}
+
+
+def _seconds(value: str) -> int:
+    seconds = float(value)
+    if not seconds >= 0 or seconds != int(seconds):
+        raise ValueError(f"start/end {value!r} is not a whole number of seconds >= 0")
+    return int(seconds)
+
+
+def read_vggsound(csv_path, video_dir, filename_template: str = "{youtube_id}_{start:06d}.mp4",
+                  split: str | None = None) -> Iterator[tuple[int, dict | BadRow]]:
+    """VGG-Sound (`vggsound.csv`, no header): youtube_id, start_seconds, label, split ("train" or
+    "test"); labels may hold commas (quoted). Files are named by `filename_template` with
+    {youtube_id}, {start} (int seconds): by default `{youtube_id}_{start:06d}.mp4`, 10 s clips
+    already cut at `start`. Records carry the row's split; `split` keeps only that one."""
+    for line, row in _csv_rows(csv_path, header=False):
+        try:
+            if len(row) != 4:
+                raise ValueError(f"expected 4 columns (youtube_id, start_seconds, label, split), got {len(row)}")
+            youtube_id, start, label, row_split = (v.strip() for v in row)
+            start = _seconds(start)
+            if not youtube_id or not label or not row_split:
+                raise ValueError(f"empty youtube_id/label/split in {row}")
+        except ValueError as e:
+            yield line, _bad(f"line {line}: {e}")
+            continue
+        row_split = split_name(row_split)
+        if split is None or row_split == split_name(split):
+            yield line, {"video": os.path.join(video_dir, filename_template.format(youtube_id=youtube_id, start=start)),
+                         "label": label, "split": row_split}
+
+
+def read_kinetics_sound(csv_path, video_dir, classes: Iterable[str] | None = None,
+                        filename_template: str = "{youtube_id}_{start:06d}_{end:06d}.mp4"
+                        ) -> Iterator[tuple[int, dict | BadRow]]:
+    """Kinetics (`train.csv`, `validate.csv`, `test.csv` of Kinetics-400/600/700): header
+    label,youtube_id,time_start,time_end,split[,is_cc]. Rows whose label is not in `classes` (the
+    Kinetics-Sound class list, when given) are left out silently: they are not part of the dataset.
+    Files are named by `filename_template` with {youtube_id}, {start}, {end} (int seconds): by
+    default `{youtube_id}_{start:06d}_{end:06d}.mp4`, the clips the common downloaders cut."""
+    keep = None if classes is None else {c.strip() for c in classes if c.strip()}
+    for line, row in _csv_rows(csv_path, header=True):
+        try:
+            label, youtube_id = (row["label"] or "").strip(), (row["youtube_id"] or "").strip()
+            start, end = _seconds(row["time_start"]), _seconds(row["time_end"])
+            row_split = (row.get("split") or "").strip()
+            if not label or not youtube_id:
+                raise ValueError(f"empty label/youtube_id: {label!r} / {youtube_id!r}")
+        except (KeyError, TypeError, ValueError) as e:
+            yield line, _bad(f"line {line}: {type(e).__name__}: {e}")
+            continue
+        if keep is not None and label not in keep:
+            continue
+        record = {"video": os.path.join(video_dir, filename_template.format(youtube_id=youtube_id, start=start, end=end)),
+                  "label": label}
+        if row_split:
+            record["split"] = split_name(row_split)
+        yield line, record
+
+
+def read_class_list(path) -> list[str]:
+    """One class name per line (blank lines and '#' comments ignored), e.g. the Kinetics-Sound classes."""
+    return [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines()
+            if s.strip() and not s.lstrip().startswith("#")]

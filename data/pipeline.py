@@ -1,0 +1,261 @@
+"""Per-host input: SeqIO task or mixture -> feature converter -> host-local numpy batches.
+
+Batches are dicts of numpy arrays with `config.data.batch_size // num_shards` rows (this host's part
+of the global batch; turn them into global arrays with `jax.make_array_from_process_local_data`):
+  video uint8 [b, F, H, W, 3], audio float32 [b, S], media_mask bool [b, T],
+  text_inputs / text_targets int32 [b, L], text_loss_weights float32 [b, L],
+  prompts int32 [b, L], prompt_lengths int32 [b]   (for `decoding.generate`),
+  example_valid bool [b]                            (False only on eval padding rows).
+
+Training (`make_input_iterator`): infinite, shuffled, deterministic for (seed, num_shards,
+shard_index). Its position is saved as a small JSON-able dict (`get_state`/`set_state`): the
+number of batches taken. Restoring rebuilds the same pipeline and skips that many examples before
+the feature converter. We chose this over checkpointing the tf.data iterator
+(`tf.train.Checkpoint(iterator=...)`) because the latter stores every shuffle buffer's decoded clips
+(GBs at paper scale) in each checkpoint and fails on sources that cannot be serialised (Python
+generators); the price is that restoring re-reads the skipped examples (minutes after a long run).
+The position is a count, so it resumes the same order only over the same data: a dataset rebuilt
+with other contents resumes at the same count of a different order.
+
+Evaluation (`make_eval_iterator`): one pass over the split, unshuffled. Each host reads the whole
+split and keeps its rows of every global batch, so every host yields the same number of batches
+(the jitted step needs that) without knowing the split's size; the last batch is padded with
+zero rows whose `example_valid` is False and loss weights 0. Every example appears exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import seqio
+import tensorflow as tf
+from absl import logging
+
+from data import feature_converter as fc
+from data import mixtures as mixtures_lib
+from data import tasks as tasks_lib
+from data import vocab as vocab_lib
+
+_STATE_VERSION = 1
+
+
+def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mixture:
+    """The task or mixture `config.data.task` names, after importing `config.data.task_modules`
+    and registering the built-in tasks for this config's data dir, vocabulary and shuffle buffer
+    (and the mixture `config.data.mixture_rates` describes, when set)."""
+    for module in filter(None, (m.strip() for m in config.data.task_modules.split(","))):
+        importlib.import_module(module)  # registers the user's tasks (once per process)
+    vocabulary = vocab_lib.get_vocabulary(config)
+    tasks_lib.register_tasks(data_dir=config.data.tfds_data_dir or None, vocabulary=vocabulary,
+                             shuffle_buffer_size=config.data.shuffle_buffer)
+    mixtures_lib.register_mixtures()
+    name = config.data.task
+    rates = mixtures_lib.parse_rates(config.data.mixture_rates)
+    if rates:
+        mixtures_lib.register_mixture(name, rates, replace=True)
+    known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    if name not in known:
+        raise ValueError(f"config.data.task: no SeqIO task or mixture named {name!r}; registered: {sorted(known)}. "
+                         "Add yours with data.tasks.add_media_task (see data/README_tasks.md) before building "
+                         "the input pipeline")
+    provider = seqio.get_mixture_or_task(name)
+    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+        task_vocab = task.output_features["prompt"].vocabulary
+        if task_vocab != vocabulary:
+            raise ValueError(f"task {task.name!r} tokenizes with {task_vocab}, but the config's vocabulary is "
+                             f"{vocabulary} (config.data.vocab_path={config.data.vocab_path!r}); register it with "
+                             "add_media_task(..., vocabulary=data.vocab.get_vocabulary(config))")
+    return provider
+
+
+def local_batch_size(config: ml_collections.ConfigDict, num_shards: int) -> int:
+    if config.data.batch_size % num_shards:
+        raise ValueError(f"config.data.batch_size ({config.data.batch_size}) must be a multiple of the number of "
+                         f"data shards (hosts) ({num_shards})")
+    return config.data.batch_size // num_shards
+
+
+def _task_examples(provider, split: str, *, shuffle: bool, seed: int | None, shard_info: seqio.ShardInfo | None,
+                   num_epochs: int | None) -> tf.data.Dataset:
+    # No trimming here: the converter truncates text its own way. No in-memory cache: seqio would
+    # cache any split under 10k examples, i.e. GBs of decoded video.
+    return provider.get_dataset(sequence_length=None, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+                                num_epochs=num_epochs, trim_output_features=False, try_in_mem_cache=False)
+
+
+def _eval_examples(provider, split: str) -> tf.data.Dataset:
+    """Every example of `split` once, unshuffled; a mixture's tasks one after another (rates do not apply)."""
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    tasks = [t for t in tasks if split in t.splits]
+    if not tasks:
+        raise ValueError(f"no task of {provider.name!r} has a {split!r} split")
+    keys = set(fc.Mirasol3BFeatureConverter.TASK_FEATURES)
+    datasets = [_task_examples(t, split, shuffle=False, seed=None, shard_info=None, num_epochs=1)
+                .map(lambda ex: {k: v for k, v in ex.items() if k in keys}) for t in tasks]
+    ds = datasets[0]
+    for other in datasets[1:]:
+        ds = ds.concatenate(other)
+    return ds
+
+
+class _TruncationLog:
+    """Counts truncated examples; logs whenever a count reaches the next power of two."""
+
+    def __init__(self, counts: dict | None = None):
+        self.counts = dict(counts or {"examples": 0, "prompt_truncated": 0, "answer_truncated": 0})
+
+    def update(self, truncation: np.ndarray, valid: np.ndarray) -> None:
+        before = dict(self.counts)
+        self.counts["examples"] += int(valid.sum())
+        self.counts["prompt_truncated"] += int(((truncation == fc.PROMPT_TRUNCATED) & valid).sum())
+        self.counts["answer_truncated"] += int(((truncation == fc.ANSWER_TRUNCATED) & valid).sum())
+        if any(self.counts[k].bit_length() > before[k].bit_length() for k in ("prompt_truncated", "answer_truncated")):
+            logging.warning("text longer than config.data.text_length: of %d examples, %d lost their prompt's start "
+                            "and %d their answer's end and EOS", self.counts["examples"],
+                            self.counts["prompt_truncated"], self.counts["answer_truncated"])
+
+
+def _to_model_batch(batch: dict, log: _TruncationLog) -> dict[str, np.ndarray]:
+    batch = dict(batch)
+    truncation = batch.pop("truncation")
+    batch.setdefault("example_valid", np.ones(truncation.shape, bool))
+    log.update(truncation, batch["example_valid"])
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Where:
+    """What a saved position is only valid for."""
+
+    name: str
+    split: str
+    seed: int
+    shard_index: int
+    num_shards: int
+    batch_size: int
+
+
+class TrainIterator(Iterator):
+    """Infinite host-local batches; `get_state()`/`set_state()` save and restore its position."""
+
+    def __init__(self, config: ml_collections.ConfigDict, split: str, shard_index: int, num_shards: int, seed: int):
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+        self._provider = resolve_provider(config)
+        tasks_lib.check_prepared(self._provider, split)
+        self._lengths = fc.task_feature_lengths(config)
+        self._where = _Where(self._provider.name, split, int(seed), shard_index, num_shards,
+                             local_batch_size(config, num_shards))
+        self._batches = 0
+        self._log = _TruncationLog()
+        self._it = None  # built on first use, so set_state before it costs nothing
+
+    def _build(self):
+        w = self._where
+        ds = _task_examples(self._provider, w.split, shuffle=True, seed=w.seed, num_epochs=None,
+                            shard_info=seqio.ShardInfo(w.shard_index, w.num_shards))
+        ds = ds.skip(self._batches * w.batch_size)
+        ds = fc.Mirasol3BFeatureConverter()(ds, self._lengths)
+        ds = ds.batch(w.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        return ds.as_numpy_iterator()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._build()
+        batch = _to_model_batch(next(self._it), self._log)
+        self._batches += 1
+        return batch
+
+    @property
+    def truncation_counts(self) -> dict[str, int]:
+        return dict(self._log.counts)
+
+    def get_state(self) -> dict:
+        """A JSON-able dict: where the next batch comes from (store it with `ocp.args.JsonSave`)."""
+        return {"version": _STATE_VERSION, **dataclasses.asdict(self._where), "batches": self._batches,
+                "truncation_counts": dict(self._log.counts)}
+
+    def set_state(self, state: dict | str | bytes) -> None:
+        """Continues from `state` (from `get_state`, as a dict or its JSON); raises if it was saved
+        for another task, split, seed, sharding or batch size (the order would not be the same)."""
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"data iterator state version {state.get('version')!r}, expected {_STATE_VERSION}")
+        saved = _Where(**{f.name: state[f.name] for f in dataclasses.fields(_Where)})
+        if saved != self._where:
+            diff = {f.name: (getattr(saved, f.name), getattr(self._where, f.name)) for f in dataclasses.fields(_Where)
+                    if getattr(saved, f.name) != getattr(self._where, f.name)}
+            raise ValueError(f"the saved data position does not apply to this input pipeline; (saved, now): {diff}")
+        self._batches = int(state["batches"])
+        self._log = _TruncationLog(state["truncation_counts"])
+        self._it = None
+
+
+class EvalIterator:
+    """One finite, unshuffled pass over `split` per `iter()`; see the module docstring."""
+
+    def __init__(self, config: ml_collections.ConfigDict, split: str, shard_index: int, num_shards: int):
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+        self._provider = resolve_provider(config)
+        tasks_lib.check_prepared(self._provider, split)
+        self._lengths = fc.task_feature_lengths(config)
+        self._split, self._index, self._shards = split, shard_index, num_shards
+        self._batch_size = local_batch_size(config, num_shards)
+        self._log = _TruncationLog()
+
+    @property
+    def truncation_counts(self) -> dict[str, int]:
+        return dict(self._log.counts)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        b, n, i = self._batch_size, self._shards, self._index
+        self._log = _TruncationLog()  # counts of this pass
+        group = n * b  # one global batch: host i owns rows [i*b, (i+1)*b) of each
+        ds = fc.Mirasol3BFeatureConverter()(_eval_examples(self._provider, self._split), self._lengths)
+        # Besides its own rows, every host keeps the first example of each global batch (when it
+        # is not its own, only to learn that the batch exists) so all hosts agree on the count.
+        ds = ds.enumerate().filter(lambda k, ex: tf.logical_or((k // b) % n == i, k % group == 0))
+        rows, template, current = [], None, None
+        for k, ex in ds.as_numpy_iterator():
+            g = int(k) // group
+            if current is not None and g != current:
+                yield self._pad(rows, template)
+                rows = []
+            current, template = g, ex
+            if (int(k) // b) % n == i:
+                rows.append(ex)
+        if current is not None:
+            yield self._pad(rows, template)
+
+    def _pad(self, rows: list[dict], template: dict) -> dict[str, np.ndarray]:
+        """Stacks `rows`, padded to the local batch with zero rows (shaped like `template`) marked invalid."""
+        valid = len(rows)
+        rows = rows + [{k: np.zeros_like(v) for k, v in template.items()}] * (self._batch_size - valid)
+        batch = {k: np.stack([r[k] for r in rows]) for k in template}
+        batch["example_valid"] = np.arange(self._batch_size) < valid
+        batch["prompt_lengths"][valid:] = 1  # a lone BOS: padding rows still decode without special cases
+        return _to_model_batch(batch, self._log)
+
+
+def make_input_iterator(config: ml_collections.ConfigDict, split: str = "train", shard_index: int | None = None,
+                        num_shards: int | None = None, seed: int | None = None) -> TrainIterator:
+    """Training batches for this host (defaults: `jax.process_index()` of `jax.process_count()`,
+    `config.seed`)."""
+    return TrainIterator(config, split, jax.process_index() if shard_index is None else shard_index,
+                         jax.process_count() if num_shards is None else num_shards,
+                         config.seed if seed is None else seed)
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, split: str = "validation", shard_index: int | None = None,
+                       num_shards: int | None = None) -> EvalIterator:
+    """One padded pass over `split` for this host; iterate it once per evaluation."""
+    return EvalIterator(config, split, jax.process_index() if shard_index is None else shard_index,
+                        jax.process_count() if num_shards is None else num_shards)

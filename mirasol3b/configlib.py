@@ -60,11 +60,35 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict(dict(latent_loss_weight=1.0, normalize_latent_target=True))
 
-    c.data = ml_collections.ConfigDict(dict(num_frames=8, text_length=32, batch_size=8))
+    c.data = ml_collections.ConfigDict(dict(
+        num_frames=8, text_length=32, batch_size=8,
+        task="synthetic_avqa_tiny",  # a registered SeqIO task or mixture (data/tasks.py, data/mixtures.py)
+        task_modules="",  # comma-separated modules imported first, so user tasks register
+        tfds_data_dir="",  # "" = $TFDS_DATA_DIR, else ~/tensorflow_datasets
+        vocab_path="",  # "" = seqio.ByteVocabulary; else a SentencePiece model file
+        mixture_rates="",  # "task:rate,...": registers `task` as that mixture
+        shuffle_buffer=256,  # examples; each holds a decoded clip
+    ))
+
+    # Save every N steps, keep the latest K good ones; writes overlap the next steps.
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
+    # Fine-tuning: params only from another run's workdir; mismatches are errors unless allowed.
+    c.init_from = ""
+    c.init_from_allow = ml_collections.ConfigDict(dict(missing=False, unexpected=False, shape_mismatch=False))
 
     c.train = ml_collections.ConfigDict(dict(
         num_steps=200, learning_rate=1e-3, warmup_steps=20, end_learning_rate_fraction=0.1,
         weight_decay=0.01, grad_clip_norm=1.0, adam_b1=0.9, adam_b2=0.98, log_every=10))
+
+    # Generation-based evaluation (mirasol3b/evaluate.py): exact match of generated answers.
+    c.eval = ml_collections.ConfigDict(dict(
+        max_new_tokens=8,  # answers are short; prompt (data.text_length) + these must fit the decoder
+        decode_method="greedy",  # greedy | beam | sample
+        beam_size=4,
+        split="validation",
+        every_steps=0,  # during training; 0 = only at the end
+        max_batches=0,  # 0 = the whole split
+    ))
     return c
 
 
@@ -129,6 +153,28 @@ def _one_of(*choices) -> Callable:
     return lambda v: None if v in choices else f"one of {list(choices)}"
 
 
+def _str(v) -> str | None:
+    return None if isinstance(v, str) else "a string"
+
+
+def _nonempty_str(v) -> str | None:
+    return None if isinstance(v, str) and v.strip() else "a non-empty string"
+
+
+def _rates(v) -> str | None:
+    if not isinstance(v, str):
+        return "a string 'task:rate,...'"
+    for item in filter(None, (x.strip() for x in v.split(","))):
+        name, _, rate = item.rpartition(":")
+        try:
+            ok = bool(name) and float(rate) > 0 and math.isfinite(float(rate))
+        except ValueError:
+            ok = False
+        if not ok:
+            return f"'task:rate,...' with positive rates (bad item {item!r})"
+    return None
+
+
 def _mesh_shape(v) -> str | None:
     ok = (isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_int(s) and (s > 0 or s == -1) for s in v)
           and list(v).count(-1) <= 1)
@@ -175,6 +221,19 @@ RULES: dict[str, Callable] = {
     "data.num_frames": _pos_int,
     "data.text_length": _pos_int,
     "data.batch_size": _pos_int,
+    "data.task": _nonempty_str,
+    "data.task_modules": _str,
+    "data.tfds_data_dir": _str,
+    "data.vocab_path": _str,
+    "data.mixture_rates": _rates,
+    "data.shuffle_buffer": _pos_int,
+    "checkpoint.every_steps": _pos_int,
+    "checkpoint.keep": _pos_int,
+    "checkpoint.async_save": _bool,
+    "init_from": _str,
+    "init_from_allow.missing": _bool,
+    "init_from_allow.unexpected": _bool,
+    "init_from_allow.shape_mismatch": _bool,
     "train.num_steps": _pos_int,
     "train.learning_rate": _number(0.0, lo_open=True),
     "train.warmup_steps": _nonneg_int,
@@ -184,6 +243,12 @@ RULES: dict[str, Callable] = {
     "train.adam_b1": _number(0.0, 1.0),
     "train.adam_b2": _number(0.0, 1.0),
     "train.log_every": _pos_int,
+    "eval.max_new_tokens": _pos_int,
+    "eval.decode_method": _one_of("greedy", "beam", "sample"),
+    "eval.beam_size": _pos_int,
+    "eval.split": _nonempty_str,
+    "eval.every_steps": _nonneg_int,
+    "eval.max_batches": _nonneg_int,
 }
 
 
@@ -249,4 +314,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"<= model.text_decoder.max_length ({m.text_decoder.max_length})", config.data.text_length)
     _require(config.train.warmup_steps <= config.train.num_steps, "train.warmup_steps",
              f"<= train.num_steps ({config.train.num_steps})", config.train.warmup_steps)
+    return config
+
+
+def validate_eval(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """What generation-based evaluation needs beyond `validate` (kept apart so a config that is
+    only trained, e.g. with a decoder as long as its text, stays valid)."""
+    limit = config.model.text_decoder.max_length - config.data.text_length
+    # Generation caches the whole prompt window (data.text_length) plus the new tokens.
+    _require(config.eval.max_new_tokens <= limit, "eval.max_new_tokens",
+             f"<= model.text_decoder.max_length - data.text_length ({limit})", config.eval.max_new_tokens)
     return config

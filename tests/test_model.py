@@ -401,6 +401,12 @@ def _set(path, value):
     return change
 
 
+def _get(path, cfg):
+    for p in path.split("."):
+        cfg = cfg[p]
+    return cfg
+
+
 def _add_unknown(cfg):
     with cfg.unlocked():
         cfg.model.video.frame_rate = 8.0
@@ -456,7 +462,8 @@ def test_every_config_leaf_is_validated(variant):
     assert sorted(paths) == sorted(configlib.RULES)  # a rule for every leaf and a leaf for every rule
     for path in paths:  # and every rule rejects a value of the wrong kind, naming its field
         cfg = tiny.get_config(variant)
-        _set(path, "not a valid value")(cfg)
+        current = _get(path, cfg)
+        _set(path, 12345 if isinstance(current, str) else "not a valid value")(cfg)
         with pytest.raises(configlib.ConfigError, match=f"config\\.{path}:"):
             configlib.validate(cfg)
     cfg = tiny.get_config(variant)

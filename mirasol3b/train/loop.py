@@ -1,11 +1,20 @@
-"""The training loop: sharded state, jitted step, progress a person can read, metrics on disk."""
+"""The training loop: sharded state, jitted step, checkpoints and resume, progress a person can read.
+
+    state = resume (latest good checkpoint) | init_from (params only) | fresh sharded init
+    every step:   global batch -> train_step (donated) -> stop with the step named on a NaN/Inf loss
+    every N:      progress line, metrics.jsonl, TensorBoard events; checkpoint; evaluation
+    on SIGTERM:   save at the step reached and exit with PREEMPTED_EXIT_CODE
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -15,15 +24,29 @@ from flax import linen as nn
 
 from mirasol3b import configlib, sharding
 from mirasol3b.model import Mirasol3B
+from mirasol3b.train import checkpoints as ckpt
 from mirasol3b.train.optimizer import make_optimizer
-from mirasol3b.train.random_batches import RandomBatches
-from mirasol3b.train.state import create_sharded_state
+from mirasol3b.train.state import abstract_state, state_shardings
 from mirasol3b.train.step import make_train_step
 
+# What the train step reads; the pipeline's other keys (prompts, eval metadata) stay on the host.
+MODEL_KEYS = ("video", "audio", "media_mask", "text_inputs", "text_targets", "text_loss_weights")
 
-def _global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def model_batch(batch: dict, config: ml_collections.ConfigDict) -> dict:
+    """The numeric keys the model uses (media it does not use is not sent to the devices)."""
+    skip = {"video"} if not config.model.use_video else set()
+    skip |= {"audio"} if not config.model.use_audio else set()
+    return {k: batch[k] for k in MODEL_KEYS if k in batch and k not in skip}
+
+
+def global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
     """Host arrays -> global arrays sharded over the data axes (each process passes its own rows)."""
-    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in batch.items()}
 
 
@@ -32,8 +55,71 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config.train.num_steps` steps; returns the last step's metrics."""
+class MetricsLog:
+    """Appends metrics to `metrics.jsonl` and TensorBoard event files in the workdir (process 0)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            import tensorflow as tf  # TensorBoard's event format without the tensorboard package
+            self._tf = tf
+            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
+        self._file.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+        self._file.flush()
+        with self._writer.as_default(step=step):
+            for k, v in scalars.items():
+                self._tf.summary.scalar(f"{prefix}/{k}", v)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._writer.close()
+
+
+def import_task_modules(config: ml_collections.ConfigDict) -> None:
+    """Imports `config.data.task_modules` so user-defined tasks register before the pipeline looks."""
+    for name in filter(None, (m.strip() for m in config.data.task_modules.split(","))):
+        importlib.import_module(name)
+
+
+def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_iter):
+    """(state, shardings, first step): resumed, fine-tuned from `init_from`, or fresh."""
+    boxed, init = abstract_state(model, optimizer, example)
+    shardings = state_shardings(boxed, mesh)
+    abstract = ckpt.with_shardings(nn.unbox(boxed), shardings)
+    restored = checkpointer.restore_latest(abstract)
+    if restored is not None:
+        step, state, data_state = restored
+        data_iter.set_state(data_state)
+        print(f"resumed from step {step} ({checkpointer.step_path(step)})", flush=True)
+        return state, shardings, step
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(config.seed))
+    if config.init_from:
+        allow = config.init_from_allow
+        params = ckpt.load_params_for_finetuning(
+            config.init_from, abstract.params, fresh_params=state.params, allow_missing=allow.missing,
+            allow_unexpected=allow.unexpected, allow_shape_mismatch=allow.shape_mismatch)
+        state = state.replace(params=params)
+        print(f"params initialised from {config.init_from}", flush=True)
+    return state, shardings, 0
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, data_iter: Iterator | None = None,
+          evaluate_fn=None) -> dict:
+    """Trains to `config.train.num_steps`, resuming from `workdir` if it holds a checkpoint.
+
+    `data_iter` (default: the SeqIO pipeline of `config.data.task`) yields host-local batches and
+    has `get_state`/`set_state`. `evaluate_fn(config, params, mesh) -> metrics` runs every
+    `config.eval.every_steps` and at the end. Returns the last logged train metrics.
+    """
     configlib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh_shape)
@@ -41,44 +127,80 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.batch_size % data_shards:
         raise configlib.ConfigError("data.batch_size", f"a multiple of the data x fsdp mesh size ({data_shards})",
                                     config.data.batch_size)
-    local_batch = config.data.batch_size // jax.process_count()
-    batches = RandomBatches(config, local_batch, seed=config.seed + jax.process_index())
-    logging.info("data: a pool of %d fixed random batches of %d examples", len(batches.pool), local_batch)
+    if data_iter is None:
+        from data import pipeline  # TensorFlow and SeqIO load only when the pipeline is used
+        import_task_modules(config)
+        data_iter = pipeline.make_input_iterator(config, "train")
 
     model = Mirasol3B(config.model)
     optimizer = make_optimizer(config.train)
-    example = _global_batch(batches[0], mesh)
-    state, state_shardings = create_sharded_state(model, optimizer, example, mesh, jax.random.key(config.seed))
+    example = global_batch(model_batch(_peek(data_iter), config), mesh)
+    c = config.checkpoint
+    checkpointer = ckpt.Checkpointer(workdir, save_every=c.every_steps, keep=c.keep, async_save=c.async_save)
+    state, shardings, start_step = _initial_state(config, model, optimizer, example, mesh, checkpointer, data_iter)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    print(f"model: {num_params:,} parameters, combiner={config.model.combiner}, mesh={dict(mesh.shape)}", flush=True)
+    num_steps = config.train.num_steps
+    print(f"model: {num_params:,} parameters, combiner={config.model.combiner}, mesh={dict(mesh.shape)}, "
+          f"steps {start_step}->{num_steps}", flush=True)
+    if start_step >= num_steps:
+        print(f"already trained to step {start_step} (train.num_steps={num_steps}); nothing to do", flush=True)
+        checkpointer.close()
+        return {}
 
     batch_shardings = jax.tree.map(lambda x: x.sharding, example)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    log = MetricsLog(workdir)
+    last: dict = {}
+    eval_every = config.eval.every_steps
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES), ckpt.PreemptionGuard() as guard:
         step_fn = jax.jit(make_train_step(model, optimizer, config.loss),
-                          in_shardings=(state_shardings, batch_shardings, None),
-                          out_shardings=(state_shardings, None), donate_argnums=0)
+                          in_shardings=(shardings, batch_shardings, None),
+                          out_shardings=(shardings, None), donate_argnums=0)
         rng = jax.random.key(config.seed + 1)
-        metrics_path = os.path.join(workdir, "metrics.jsonl")
-        num_steps = config.train.num_steps
-        start_step = int(state.step)
-        t0, last = time.time(), {}
-        with open(metrics_path, "a") as metrics_file:
+        t0, timed_from = time.time(), start_step
+        try:
             for step in range(start_step, num_steps):
-                state, metrics = step_fn(state, _global_batch(batches[step], mesh), rng)
+                batch = global_batch(model_batch(next(data_iter), config), mesh)
+                state, metrics = step_fn(state, batch, rng)
                 done = step + 1
+                loss = float(metrics["loss"])  # one scalar a step: a NaN is caught at the step it appears
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss} at step {done}; stopping. The last good checkpoint is kept "
+                        f"(step {checkpointer.latest_step()} in {checkpointer.directory}).")
                 if step == start_step:  # the first step compiles; time the rest
-                    jax.block_until_ready(metrics)
-                    t0 = time.time()
+                    t0, timed_from = time.time(), done
                 if done % config.train.log_every == 0 or done == num_steps:
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not math.isfinite(last["loss"]):
-                        raise FloatingPointError(f"loss is {last['loss']} at step {done}; stopping")
-                    timed = done - start_step - 1
-                    rate = timed / max(time.time() - t0, 1e-9)
-                    speed = f"{rate:.2f} steps/s  ETA {_format_eta((num_steps - done) / rate)}" if timed else "compiled"
+                    rate = (done - timed_from) / max(time.time() - t0, 1e-9)
+                    speed = (f"{rate:.2f} steps/s  ETA {_format_eta((num_steps - done) / rate)}"
+                             if done > timed_from else "(compiled)")
                     print(f"step {done}/{num_steps}  loss {last['loss']:.4f}  text {last['text_loss']:.4f}  "
                           f"latent {last['latent_loss']:.4f}  tok_acc {last['token_accuracy']:.3f}  {speed}",
                           flush=True)
-                    metrics_file.write(json.dumps({"step": done, **last}) + "\n")
-                    metrics_file.flush()
+                    log.write(done, {**last, "steps_per_second": rate})
+                checkpointer.maybe_save(done, state, data_iter.get_state(), config, force=done == num_steps)
+                if guard.should_stop(done):
+                    checkpointer.maybe_save(done, state, data_iter.get_state(), config, force=True)
+                    checkpointer.wait()
+                    print(f"preempted: saved step {done} in {checkpointer.directory}; exiting", flush=True)
+                    log.close()
+                    checkpointer.close()
+                    sys.exit(guard.exit_code)
+                if evaluate_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
+                    results = evaluate_fn(config, state.params, mesh)
+                    log.write(done, results, prefix="eval")
+                    print(f"eval at step {done}: " + json.dumps(
+                        {k: v for k, v in results.items() if isinstance(v, (int, float))}), flush=True)
+        finally:
+            checkpointer.wait()
+    log.close()
+    checkpointer.close()
     return last
+
+
+def _peek(data_iter):
+    """The first batch without losing it: iterators here restart from their saved position."""
+    state = data_iter.get_state()
+    batch = next(data_iter)
+    data_iter.set_state(state)
+    return batch

@@ -33,11 +33,29 @@ def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator, ba
 
 
 class RandomBatches:
-    """Cycles through `pool_size` fixed random batches (deterministic for `seed`)."""
+    """Cycles through `pool_size` fixed random batches (deterministic for `seed`).
+
+    An iterator with the data pipeline's `get_state`/`set_state`, so the loop can checkpoint it.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, batch_size: int, pool_size: int = 4, seed: int = 0):
         rng = np.random.default_rng(seed)
         self.pool = [random_batch(config, rng, batch_size) for _ in range(pool_size)]
+        self.position = 0
 
     def __getitem__(self, step: int) -> dict:
         return self.pool[step % len(self.pool)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self[self.position]
+        self.position += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])

@@ -19,6 +19,7 @@ Model features out (L = text length, F frames, S samples, T snippets):
   truncation         int32 []            NOT_TRUNCATED / PROMPT_TRUNCATED / ANSWER_TRUNCATED
 
 The last three are for evaluation and bookkeeping; the model reads its keys by name and ignores them.
+seqio's `passthrough_features` are copied unchanged (the eval pipeline carries host-side strings so).
 
 Truncation, when prompt + answer + EOS exceed L: the answer and its EOS are what is scored, so they
 are kept whole and the prompt loses its *start* (the end of a question is usually what it asks).
@@ -150,6 +151,7 @@ class Mirasol3BFeatureConverter(seqio.FeatureConverter):
                     "media_mask": tf.range(snippets) < n,
                 }
             out.update(build_text(ex["prompt"], ex["answer"], lengths["text_targets"]))
+            out.update({k: ex[k] for k in self._passthrough_features})
             return out
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
@@ -165,4 +167,5 @@ class Mirasol3BFeatureConverter(seqio.FeatureConverter):
                                  f"number of snippets ({snippets})")
         return {"video": task_feature_lengths["video"], "audio": task_feature_lengths["audio"],
                 "media_mask": snippets, "text_inputs": text, "text_targets": text, "text_loss_weights": text,
-                "prompts": text, "prompt_lengths": 1, "truncation": 1}
+                "prompts": text, "prompt_lengths": 1, "truncation": 1,
+                **{k: task_feature_lengths[k] for k in self._passthrough_features}}

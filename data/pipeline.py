@@ -6,6 +6,11 @@ of the global batch; turn them into global arrays with `jax.make_array_from_proc
   text_inputs / text_targets int32 [b, L], text_loss_weights float32 [b, L],
   prompts int32 [b, L], prompt_lengths int32 [b]   (for `decoding.generate`),
   example_valid bool [b]                            (False only on eval padding rows).
+Eval batches also carry host-side strings, numpy object arrays [b] of `str` ("" on padding rows):
+  question_type, kind (from the source, "" where it has none), answer_text (the whole reference
+  answer as the vocabulary decodes its tokens, before the converter may cut it).
+They are for scoring only: drop them (`drop_metadata`) before making global arrays; the train step
+and the model never see them.
 
 Training (`make_input_iterator`): infinite, shuffled, deterministic for (seed, num_shards,
 shard_index). Its position is saved as a small JSON-able dict (`get_state`/`set_state`): the
@@ -43,6 +48,13 @@ from data import tasks as tasks_lib
 from data import vocab as vocab_lib
 
 _STATE_VERSION = 1
+# The host-side string fields of eval batches (see the module docstring).
+EVAL_METADATA = ("question_type", "kind", "answer_text")
+
+
+def drop_metadata(batch: dict) -> dict[str, np.ndarray]:
+    """`batch` without its host-side strings: what may become (global) jax arrays."""
+    return {k: v for k, v in batch.items() if k not in EVAL_METADATA}
 
 
 def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mixture:
@@ -89,15 +101,30 @@ def _task_examples(provider, split: str, *, shuffle: bool, seed: int | None, sha
                                 num_epochs=num_epochs, trim_output_features=False, try_in_mem_cache=False)
 
 
+def _with_metadata(task: seqio.Task):
+    """Keeps the converter's task features and adds `EVAL_METADATA` as scalar strings."""
+    keys = set(fc.Mirasol3BFeatureConverter.TASK_FEATURES)
+    vocabulary = task.output_features["answer"].vocabulary
+
+    def fn(ex):
+        out = {k: v for k, v in ex.items() if k in keys}
+        # User sources may lack these fields (spec.py stores "" for "none").
+        out.update({k: ex.get(k, tf.constant("")) for k in ("question_type", "kind")})
+        # Decoded from the tokens, as predictions are; the raw string is gone after tokenization.
+        out["answer_text"] = vocabulary.decode_tf(ex["answer"])
+        return out
+    return fn
+
+
 def _eval_examples(provider, split: str) -> tf.data.Dataset:
-    """Every example of `split` once, unshuffled; a mixture's tasks one after another (rates do not apply)."""
+    """Every example of `split` once, unshuffled, with its metadata; a mixture's tasks one after
+    another (rates do not apply)."""
     tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     tasks = [t for t in tasks if split in t.splits]
     if not tasks:
         raise ValueError(f"no task of {provider.name!r} has a {split!r} split")
-    keys = set(fc.Mirasol3BFeatureConverter.TASK_FEATURES)
     datasets = [_task_examples(t, split, shuffle=False, seed=None, shard_info=None, num_epochs=1)
-                .map(lambda ex: {k: v for k, v in ex.items() if k in keys}) for t in tasks]
+                .map(_with_metadata(t)) for t in tasks]
     ds = datasets[0]
     for other in datasets[1:]:
         ds = ds.concatenate(other)
@@ -219,7 +246,12 @@ class EvalIterator:
         b, n, i = self._batch_size, self._shards, self._index
         self._log = _TruncationLog()  # counts of this pass
         group = n * b  # one global batch: host i owns rows [i*b, (i+1)*b) of each
-        ds = fc.Mirasol3BFeatureConverter()(_eval_examples(self._provider, self._split), self._lengths)
+        # The strings ride through the converter in the same rows, so they cannot fall out of step.
+        converter = fc.Mirasol3BFeatureConverter(
+            passthrough_features={k: fc.Mirasol3BFeatureConverter.FeatureSpec(tf.string, rank=0)
+                                  for k in EVAL_METADATA})
+        lengths = {**self._lengths, **{k: 1 for k in EVAL_METADATA}}  # rank 0: seqio checks no length
+        ds = converter(_eval_examples(self._provider, self._split), lengths)
         # Besides its own rows, every host keeps the first example of each global batch (when it
         # is not its own, only to learn that the batch exists) so all hosts agree on the count.
         ds = ds.enumerate().filter(lambda k, ex: tf.logical_or((k // b) % n == i, k % group == 0))
@@ -238,8 +270,10 @@ class EvalIterator:
     def _pad(self, rows: list[dict], template: dict) -> dict[str, np.ndarray]:
         """Stacks `rows`, padded to the local batch with zero rows (shaped like `template`) marked invalid."""
         valid = len(rows)
-        rows = rows + [{k: np.zeros_like(v) for k, v in template.items()}] * (self._batch_size - valid)
-        batch = {k: np.stack([r[k] for r in rows]) for k in template}
+        padding = {k: b"" if k in EVAL_METADATA else np.zeros_like(v) for k, v in template.items()}
+        rows = rows + [padding] * (self._batch_size - valid)
+        batch = {k: np.array([r[k].decode("utf-8", "replace") for r in rows], object) if k in EVAL_METADATA
+                 else np.stack([r[k] for r in rows]) for k in template}
         batch["example_valid"] = np.arange(self._batch_size) < valid
         batch["prompt_lengths"][valid:] = 1  # a lone BOS: padding rows still decode without special cases
         return _to_model_batch(batch, self._log)

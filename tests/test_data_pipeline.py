@@ -262,6 +262,25 @@ def test_eval_covers_every_example_once_with_padding_masked():
     assert all(b["video"].shape[0] == 2 for host in per_host for b in host)
 
 
+def test_eval_rows_carry_their_metadata_and_train_batches_stay_numeric():
+    cfg = make_config(task="user_eval", batch_size=4)
+    batches = list(pipeline.make_eval_iterator(cfg, "validation", 0, 1))
+    for batch in batches:
+        for r in range(4):
+            if not batch["example_valid"][r]:
+                assert [batch[k][r] for k in pipeline.EVAL_METADATA] == ["", "", ""]
+                continue
+            i = int(ids(batch, valid_only=False)[r][1:])  # "l<i>"
+            scored = batch["text_targets"][r][batch["text_loss_weights"][r] > 0]
+            assert batch["answer_text"][r] == VOCAB.decode(scored.tolist()) == f"answer {i % 7}"
+            assert batch["kind"][r] == "qa" and batch["question_type"][r] == ""  # the source has no type
+    assert batches[-1]["answer_text"].dtype == object and not batches[-1]["example_valid"][3]
+    assert set(pipeline.drop_metadata(batches[0])) == set(batches[0]) - set(pipeline.EVAL_METADATA)
+    train = next(pipeline.make_input_iterator(cfg, "train", 0, 1))
+    assert not set(train) & set(pipeline.EVAL_METADATA)
+    assert all(v.dtype != object for v in train.values())
+
+
 def test_truncation_is_counted():
     cfg = make_config(task="user_eval", batch_size=4, text_length=12)  # "l100NN" + "answer N" + EOS = 15 tokens
     it = pipeline.make_eval_iterator(cfg, "validation", 0, 1)

@@ -61,7 +61,14 @@ class MetricsLog:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            import tensorflow as tf  # TensorBoard's event format without the tensorboard package
+            import tensorflow as tf
+            from tensorflow.core.framework import summary_pb2
+
+            # `tf.summary.scalar` lives in the tensorboard package (not installed); this is what it
+            # writes: a float tensor tagged for TensorBoard's scalars plugin.
+            metadata = summary_pb2.SummaryMetadata()
+            metadata.plugin_data.plugin_name = "scalars"
+            self._scalar_metadata = metadata.SerializeToString()
             self._tf = tf
             self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
             self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
@@ -74,7 +81,8 @@ class MetricsLog:
         self._file.flush()
         with self._writer.as_default(step=step):
             for k, v in scalars.items():
-                self._tf.summary.scalar(f"{prefix}/{k}", v)
+                self._tf.summary.write(f"{prefix}/{k}", self._tf.constant(v, self._tf.float32),
+                                       metadata=self._scalar_metadata)
         self._writer.flush()
 
     def close(self) -> None:

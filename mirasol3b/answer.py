@@ -1,0 +1,101 @@
+"""Answers a question about one video file with a trained model.
+
+    python -m mirasol3b.answer --workdir=DIR --video=clip.mp4 --question="what plays first?" [--config=...]
+
+The config is the one stored with `DIR`'s latest checkpoint unless `--config` is given. The file
+goes through the training pipeline: `data.media.decode_clip` at the config's geometry (at most
+`config.data.num_frames` frames from the start), then the feature converter (padding, media_mask,
+BOS + question tokens), then `config.eval`'s decoding. A file that cannot be read exits with
+status 1 and the file, reason and detail on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mirasol3b import configlib, decoding, evaluate, sharding
+
+
+def prepare(config: ml_collections.ConfigDict, video_path: str, question: str, *,
+            missing_audio: str = "skip") -> dict[str, np.ndarray]:
+    """The model batch (one row) of `video_path` and `question`. Raises `data.media.MediaError`."""
+    from data import media, spec
+
+    clip = media.decode_clip(video_path, spec.MediaSpec.from_config(config, missing_audio=missing_audio))
+    # Only now TensorFlow and SeqIO: a file that cannot be read fails in a second.
+    import tensorflow as tf
+
+    from data import feature_converter as fc
+    from data import vocab
+
+    example = {"prompt": np.asarray(vocab.get_vocabulary(config).encode(question), np.int32),
+               "answer": np.zeros([0], np.int32), "video": clip.video, "audio": clip.audio,
+               "num_snippets": np.int32(clip.num_snippets)}
+    # The converter itself, so the prompt format and padding are exactly training's.
+    converted = fc.Mirasol3BFeatureConverter()(tf.data.Dataset.from_tensors(example), fc.task_feature_lengths(config))
+    return {k: v[None] for k, v in next(converted.as_numpy_iterator()).items()}
+
+
+def answer(config: ml_collections.ConfigDict, params, video_path: str, question: str, *,
+           mesh: jax.sharding.Mesh | None = None, missing_audio: str = "skip",
+           decode: decoding.DecodeConfig | None = None) -> str:
+    """The model's answer (decoded text) to `question` about the clip at `video_path`.
+
+    `params` on one device, or on a one-device `mesh`; decoding defaults to `config.eval`'s.
+    """
+    return answer_batch(config, params, prepare(config, video_path, question, missing_audio=missing_audio),
+                        mesh=mesh, decode=decode)
+
+
+def answer_batch(config: ml_collections.ConfigDict, params, batch: dict[str, np.ndarray], *,
+                 mesh: jax.sharding.Mesh | None = None, decode: decoding.DecodeConfig | None = None) -> str:
+    """The answer for a `prepare`d batch."""
+    from data import vocab
+
+    configlib.validate_eval(config)
+    tokens = evaluate.generate_tokens(config, params, batch, mesh, decode=decode)
+    return vocab.get_vocabulary(config).decode(tokens[0].tolist())
+
+
+def _define_flags():
+    config = config_flags.DEFINE_config_file("config", None, "Config file (default: the one the workdir's "
+                                             "checkpoint stores).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints).")
+    flags.DEFINE_string("video", None, "The media file to answer about.")
+    flags.DEFINE_string("question", None, "The question.")
+    flags.DEFINE_enum("missing_audio", "skip", ["skip", "silence"],
+                      "A file without (usable) audio: 'skip' is an error, 'silence' fills zeros.")
+    flags.mark_flags_as_required(["workdir", "video", "question"])
+    return config
+
+
+def main(argv, config_flag) -> None:
+    from data.media import MediaError
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    try:
+        config = config_flag.value or evaluate.config_from_workdir(f.workdir)
+        configlib.validate_eval(configlib.validate(config))
+        # The file first: a bad one fails in a second, before the checkpoint is read.
+        batch = prepare(config, f.video, f.question, missing_audio=f.missing_audio)
+        mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        _, params = evaluate.restore_params(config, f.workdir, mesh)
+    except MediaError as e:
+        hint = " (--missing_audio=silence answers with silent audio)" if e.reason == "no_audio_track" else ""
+        sys.exit(f"error: cannot read video {e.path}: {e.reason}: {e.detail}{hint}")
+    except (FileNotFoundError, configlib.ConfigError) as e:
+        sys.exit(f"error: {e}")
+    print(answer_batch(config, params, batch, mesh=mesh), flush=True)
+
+
+if __name__ == "__main__":
+    _CONFIG = _define_flags()
+    app.run(lambda argv: main(argv, _CONFIG))

@@ -1,0 +1,295 @@
+"""Generation-based evaluation: exact-match accuracy of generated answers on a split.
+
+    python -m mirasol3b.evaluate --config=configs/tiny.py --workdir=DIR [--split=validation]
+
+restores the params of `DIR`'s latest good checkpoint, prints the metrics as one JSON line and
+writes them to `DIR/eval_<split>_step<N>.json`. `evaluate(config, params, mesh)` is the same from
+Python (the training loop calls it as its `evaluate_fn`).
+
+Metrics (answers compared after `normalize_answer`, over real rows only, never padding):
+  exact_match, num_examples
+  accuracy/<question_type>, num_examples/<question_type>   rows whose question_type is not ""
+  classification_accuracy, num_classification             rows of kind "classification"
+  majority_baseline, majority_answer                      always answering the split's commonest answer
+  samples                                                 a few {question, reference, prediction}
+Accuracies of an empty group are None (null in JSON).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import re
+import string
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from mirasol3b import configlib, decoding, sharding
+from mirasol3b.model import Mirasol3B, samples_per_snippet
+from mirasol3b.train import checkpoints
+from mirasol3b.train.loop import global_batch
+from mirasol3b.train.optimizer import make_optimizer
+from mirasol3b.train.state import abstract_state, state_shardings
+
+# What the generate function reads from a batch (video/audio only when the model uses them).
+GENERATE_KEYS = ("video", "audio", "media_mask", "prompts", "prompt_lengths")
+NUM_SAMPLES = 5
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD/VQA normalisation: lowercase, no punctuation, no articles (a/an/the), single spaces."""
+    s = s.lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+# ---- generation -------------------------------------------------------------------------------
+
+def decode_config(config: ml_collections.ConfigDict) -> decoding.DecodeConfig:
+    """The `DecodeConfig` of `config.eval`."""
+    # `data` loads TensorFlow and SeqIO: imported where used, so importing this module stays light.
+    from data.vocab import EOS_ID, PAD_ID
+
+    e = config.eval
+    return decoding.DecodeConfig(max_new_tokens=e.max_new_tokens, method=e.decode_method, beam_size=e.beam_size,
+                                 eos_id=EOS_ID, pad_id=PAD_ID)
+
+
+_GENERATE_FNS: dict = {}
+
+
+def generate_fn(config: ml_collections.ConfigDict, decode: decoding.DecodeConfig):
+    """`decoding.make_generate_fn` for `config.model`, kept per (model config, decode config) so
+    evaluations during training and repeated answers compile once."""
+    key = (config.model.to_json(), decode)
+    if key not in _GENERATE_FNS:
+        _GENERATE_FNS[key] = decoding.make_generate_fn(Mirasol3B(config.model), decode)
+    return _GENERATE_FNS[key]
+
+
+def generate_inputs(batch: dict, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """The numeric keys generation reads; host-side strings (eval metadata) never reach the devices."""
+    unused = {"video"} if not config.model.use_video else set()
+    unused |= {"audio"} if not config.model.use_audio else set()
+    return {k: batch[k] for k in GENERATE_KEYS if k in batch and k not in unused}
+
+
+def _local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded result, in the order it passed them in."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas of a range are equal
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def _all_processes(records: list[dict]) -> list[dict]:
+    """Every process's records (JSON through an all-gather of bytes); one process: `records`."""
+    if jax.process_count() == 1:
+        return records
+    data = np.frombuffer(json.dumps(records).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return [r for p, n in enumerate(sizes) for r in json.loads(every[p, :int(n)].tobytes())]
+
+
+def generate_tokens(config: ml_collections.ConfigDict, params, batch: dict, mesh: jax.sharding.Mesh | None = None,
+                    *, decode: decoding.DecodeConfig | None = None, rng: jax.Array | None = None) -> np.ndarray:
+    """Generated token ids `[b, max_new_tokens]` for this process's rows of a host batch.
+
+    Only `generate_inputs` go to the devices: as global arrays under `mesh` when given (params may
+    be sharded over it), else as they are.
+    """
+    generate = generate_fn(config, decode or decode_config(config))
+    inputs = generate_inputs(batch, config)
+    rng = jax.random.key(config.seed) if rng is None else rng
+    in_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with in_mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        if mesh is not None:
+            inputs = global_batch(inputs, mesh)
+        return _local_rows(generate(params, inputs, rng)["tokens"])
+
+
+def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh | None = None, *,
+            split: str | None = None, max_batches: int | None = None,
+            decode: decoding.DecodeConfig | None = None) -> list[dict]:
+    """One record per real example of `split` (all processes'): question, reference, prediction,
+    question_type, kind. Defaults come from `config.eval`."""
+    from data import pipeline, vocab
+
+    configlib.validate_eval(config)
+    split = split or config.eval.split
+    max_batches = config.eval.max_batches if max_batches is None else max_batches
+    vocabulary = vocab.get_vocabulary(config)
+    rng = jax.random.key(config.seed)
+    records = []
+    for i, batch in enumerate(pipeline.make_eval_iterator(config, split)):
+        if max_batches and i >= max_batches:
+            break
+        tokens = generate_tokens(config, params, batch, mesh, decode=decode, rng=jax.random.fold_in(rng, i))
+        for r in np.flatnonzero(batch["example_valid"]):
+            records.append({
+                "question": vocabulary.decode(batch["prompts"][r, 1:batch["prompt_lengths"][r]].tolist()),
+                "reference": batch["answer_text"][r],
+                "prediction": vocabulary.decode(tokens[r].tolist()),
+                "question_type": batch["question_type"][r],
+                "kind": batch["kind"][r],
+            })
+    return _all_processes(records)
+
+
+# ---- scoring ----------------------------------------------------------------------------------
+
+def _accuracy(hits: list[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
+def score(records: list[dict]) -> dict:
+    """The metrics of the module docstring from `predict`'s records."""
+    hit = [normalize_answer(r["prediction"]) == normalize_answer(r["reference"]) for r in records]
+    out = {"num_examples": len(records), "exact_match": _accuracy(hit)}
+    by_type = collections.defaultdict(list)
+    for r, h in zip(records, hit):
+        if r["question_type"]:
+            by_type[r["question_type"]].append(h)
+    for t in sorted(by_type):
+        out[f"accuracy/{t}"] = _accuracy(by_type[t])
+        out[f"num_examples/{t}"] = len(by_type[t])
+    labels = [h for r, h in zip(records, hit) if r["kind"] == "classification"]
+    out.update(classification_accuracy=_accuracy(labels), num_classification=len(labels))
+    answers = collections.Counter(normalize_answer(r["reference"]) for r in records)
+    top, count = answers.most_common(1)[0] if answers else (None, 0)
+    out.update(majority_baseline=count / len(records) if records else None, majority_answer=top)
+    out["samples"] = [{k: r[k] for k in ("question", "reference", "prediction")} for r in records[:NUM_SAMPLES]]
+    return out
+
+
+def evaluate(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh | None = None, *,
+             split: str | None = None, max_batches: int | None = None,
+             decode: decoding.DecodeConfig | None = None) -> dict:
+    """Generates an answer for every example of `split` and scores them (see the module docstring).
+
+    `params` may be sharded over `mesh` (then generation runs under it) or live on one device
+    (`mesh=None`). `split`, `max_batches` (0: all) and `decode` default to `config.eval`.
+    """
+    split = split or config.eval.split
+    metrics = score(predict(config, params, mesh, split=split, max_batches=max_batches, decode=decode))
+    return {"split": split, **metrics}
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def _checkpointer(workdir: str) -> checkpoints.Checkpointer:
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in workdir {workdir!r} (no directory {directory}); train there "
+                                "first with `python -m mirasol3b.main --workdir=...`")
+    return checkpoints.Checkpointer(workdir, save_every=1, keep=1, read_only=True)
+
+
+def _one_clip(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """A one-clip model batch, as shapes: params do not depend on the batch size.
+
+    (`summary.example_batch` is the same, but importing `summary` defines its --config flag.)"""
+    m, d = config.model, config.data
+    snippets, size = d.num_frames // m.video.snippet_frames, m.video.image_size
+    shapes = {"video": ((1, d.num_frames, size, size, 3), np.uint8),
+              "audio": ((1, snippets * samples_per_snippet(m)), np.float32),
+              "media_mask": ((1, snippets), np.bool_), "text_inputs": ((1, d.text_length), np.int32)}
+    return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh):
+    """(step, params) of `workdir`'s latest good checkpoint, sharded over `mesh`.
+
+    Corrupt steps are reported and skipped (`Checkpointer.restore_latest`); the optimizer state is
+    read with the params (the checkpoint stores them as one item) and dropped.
+    """
+    model, optimizer = Mirasol3B(config.model), make_optimizer(config.train)
+    boxed, _ = abstract_state(model, optimizer, _one_clip(config))
+    target = checkpoints.with_shardings(boxed, state_shardings(boxed, mesh))
+    with _checkpointer(workdir) as ckpt:
+        found = ckpt.restore_latest(target)
+        if found is None:
+            raise FileNotFoundError(f"no usable checkpoint in workdir {workdir!r} ({ckpt.directory})"
+                                    + "".join(f"\n  {p}" for p in ckpt.problems))
+    step, state, _ = found
+    return step, state.params
+
+
+def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+    """The config stored with `workdir`'s latest checkpoint, over `base_config()` defaults (so fields
+    added since it was saved get theirs), validated."""
+    import orbax.checkpoint as ocp
+
+    with _checkpointer(workdir) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in workdir {workdir!r} ({ckpt.directory})")
+        path = os.path.join(ckpt.step_path(step), "config")
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+        saved = reader.restore(path, args=ocp.args.JsonRestore())
+    if not saved:
+        raise FileNotFoundError(f"checkpoint {os.path.dirname(path)} stores no config; pass --config")
+    config = configlib.base_config()
+    _merge(config, saved)
+    return configlib.validate(config)  # a field the code no longer knows is an error naming it
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+            _merge(config[key], value)
+        else:
+            # JSON has no tuples; keep the default's sequence type (mesh_shape).
+            default = config.get(key)
+            config[key] = type(default)(value) if isinstance(default, tuple) and isinstance(value, list) else value
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def _define_flags():
+    """Defined only when run as a program: `answer.py` imports this module and defines its own."""
+    config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:ttm].",
+                                             lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints).")
+    split = flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).")
+    flags.mark_flags_as_required(["config", "workdir"])
+    return config, workdir, split
+
+
+def main(argv, flag_values) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config_flag, workdir_flag, split_flag = flag_values
+    config, workdir = config_flag.value, workdir_flag.value
+    try:
+        configlib.validate_eval(configlib.validate(config))
+        mesh = sharding.make_mesh(config.mesh_shape)
+        step, params = restore_params(config, workdir, mesh)
+    except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError) as e:
+        sys.exit(f"error: {e}")
+    logging.info("evaluating step %d of %s", step, workdir)
+    metrics = {"step": step, **evaluate(config, params, mesh, split=split_flag.value)}
+    if jax.process_index() == 0:
+        line = json.dumps(metrics)
+        print(line, flush=True)
+        with open(os.path.join(workdir, f"eval_{metrics['split']}_step{step}.json"), "w") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    _FLAGS = _define_flags()
+    app.run(lambda argv: main(argv, _FLAGS))

@@ -1,0 +1,187 @@
+"""Evaluation and answering: answer normalisation, the metrics on predictions we control, eval
+metadata lining up with rows, a checkpoint restored and used end to end, and clear CLI errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+from flax import linen as nn
+
+from configs import tiny
+from data import encode, pipeline, tasks
+from mirasol3b import answer as answer_lib
+from mirasol3b import configlib, evaluate, sharding
+from mirasol3b.model import Mirasol3B, samples_per_snippet
+from mirasol3b.train import checkpoints
+from mirasol3b.train.optimizer import make_optimizer
+from mirasol3b.train.state import TrainState, abstract_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = seqio.ByteVocabulary()
+TASK = "eval_test_qa"
+# Example i: prompt "q<i>"; CORRECT rows get their reference back (in other case and punctuation).
+ANSWERS = ["red", "the dog", "red", "blue", "guitar", "piano", "red"]
+TYPES = ["color", "what", "color", "color", "", "", "what"]
+KINDS = ["qa", "qa", "qa", "qa", "classification", "classification", "qa"]
+CORRECT = {0, 3, 4, 6}
+
+
+def make_config(**eval_fields):
+    cfg = tiny.get_config()
+    for stack in configlib._STACKS:  # compile time
+        cfg.model[stack].update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    cfg.model.ttm.token_learner_hidden = 32
+    cfg.data.update(task=TASK, batch_size=4)
+    cfg.eval.update(max_new_tokens=16, **eval_fields)
+    return configlib.validate(cfg)
+
+
+def _dataset_fn(split, shuffle_files, seed=None):
+    del split, shuffle_files, seed
+    cfg = make_config()
+    frames, size = cfg.model.video.snippet_frames, cfg.model.video.image_size
+
+    def make(i):
+        return {"video": tf.fill([frames, size, size, 3], tf.cast(i, tf.uint8)),
+                "audio": tf.zeros([samples_per_snippet(cfg.model)]), "num_snippets": 1,
+                "prompt": tf.strings.format("q{}", i), "answer": tf.gather(ANSWERS, i),
+                "question_type": tf.gather(TYPES, i), "kind": tf.gather(KINDS, i)}
+    return tf.data.Dataset.range(len(ANSWERS)).map(make)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def task():
+    tasks.add_media_task(TASK, seqio.FunctionDataSource(_dataset_fn, splits=["validation"]), replace=True)
+    yield
+    seqio.TaskRegistry.remove(TASK)
+
+
+def _index(question: str) -> int:
+    return int(question[1:])  # "q<i>"
+
+
+def test_normalize_answer():
+    assert evaluate.normalize_answer("  The Red   car! ") == "red car"
+    assert evaluate.normalize_answer("An apple, a pear.") == "apple pear"
+    assert evaluate.normalize_answer("then another") == "then another"  # articles only as words
+    assert evaluate.normalize_answer("THE") == ""
+
+
+def test_metadata_lines_up_with_rows():
+    for batch in pipeline.make_eval_iterator(make_config(), "validation", 0, 1):
+        for r in range(len(batch["example_valid"])):
+            prompt = VOCAB.decode(batch["prompts"][r, 1:batch["prompt_lengths"][r]].tolist())
+            scored = batch["text_targets"][r][batch["text_loss_weights"][r] > 0].tolist()
+            if not batch["example_valid"][r]:
+                assert prompt == "" and batch["answer_text"][r] == batch["question_type"][r] == ""
+                continue
+            i = _index(prompt)
+            assert batch["answer_text"][r] == VOCAB.decode(scored) == ANSWERS[i]
+            assert (batch["question_type"][r], batch["kind"][r]) == (TYPES[i], KINDS[i])
+
+
+def test_metrics_on_controlled_predictions(monkeypatch):
+    cfg = make_config()
+    seen = []
+
+    def fake_generate(params, batch, rng):
+        seen.append(batch)
+        out = np.zeros((len(batch["prompts"]), cfg.eval.max_new_tokens), np.int32)
+        for r, (prompt, n) in enumerate(zip(batch["prompts"], batch["prompt_lengths"])):
+            question = VOCAB.decode(np.asarray(prompt)[1:n].tolist())
+            # Padding rows (empty prompt) "answer" red: counted, they would move every metric.
+            text = "red" if not question else (
+                f"The {ANSWERS[_index(question)].upper()}!" if _index(question) in CORRECT else "wrong")
+            ids = VOCAB.encode(text) + [1]
+            out[r, :len(ids)] = ids
+        return {"tokens": out}
+
+    monkeypatch.setattr(evaluate, "generate_fn", lambda config, decode: fake_generate)
+    metrics = evaluate.evaluate(cfg, params=None)
+    assert len(seen) == 2  # 7 examples in batches of 4: one padding row
+    for batch in seen:  # only numeric model inputs reach generation
+        assert set(batch) == set(evaluate.GENERATE_KEYS)
+        assert all(np.asarray(v).dtype != object for v in batch.values())
+    assert metrics["num_examples"] == 7 and metrics["split"] == "validation"
+    assert metrics["exact_match"] == pytest.approx(4 / 7)
+    assert metrics["accuracy/color"] == pytest.approx(2 / 3) and metrics["num_examples/color"] == 3
+    assert metrics["accuracy/what"] == pytest.approx(1 / 2) and metrics["num_examples/what"] == 2
+    assert not any(k.startswith("accuracy/") for k in metrics if k not in ("accuracy/color", "accuracy/what"))
+    assert metrics["classification_accuracy"] == pytest.approx(1 / 2) and metrics["num_classification"] == 2
+    assert metrics["majority_baseline"] == pytest.approx(3 / 7) and metrics["majority_answer"] == "red"
+    assert metrics["samples"][0] == {"question": "q0", "reference": "red", "prediction": "The RED!"}
+    assert evaluate.evaluate(cfg, None, max_batches=1)["num_examples"] == 4
+
+
+def test_missing_checkpoint_names_the_workdir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        evaluate.config_from_workdir(str(tmp_path))
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        evaluate.restore_params(make_config(), str(tmp_path), mesh)
+
+
+def test_eval_config_is_checked():
+    cfg = make_config()
+    cfg.eval.max_new_tokens = cfg.model.text_decoder.max_length  # no room after the prompt window
+    with pytest.raises(configlib.ConfigError, match="eval.max_new_tokens"):
+        configlib.validate_eval(cfg)
+    cfg.eval.decode_method = "nucleus"
+    with pytest.raises(configlib.ConfigError, match="eval.decode_method"):
+        configlib.validate(cfg)
+
+
+def test_checkpoint_to_evaluate_and_answer(tmp_path):
+    """Saves random params as a training run would, restores them with the config from the
+    workdir, evaluates with real generation and answers about an encoded clip."""
+    cfg = make_config()
+    cfg.data.batch_size = 1  # answer() decodes one row: the same shapes compile once
+    model, optimizer = Mirasol3B(cfg.model), make_optimizer(cfg.train)
+    boxed, _ = abstract_state(model, optimizer, evaluate._one_clip(cfg))
+    rng = np.random.default_rng(0)  # numpy params: compiling init would cost as much as generation
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.05, a.dtype), nn.unbox(boxed.params))
+    state = TrainState(step=jnp.int32(5), params=params, opt_state=optimizer.init(params))
+    with checkpoints.Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False) as ckpt:
+        assert ckpt.maybe_save(5, state, {"batches": 5}, cfg, force=True)
+
+    restored_config = evaluate.config_from_workdir(str(tmp_path))
+    assert restored_config.to_dict() == cfg.to_dict()
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    step, restored = evaluate.restore_params(restored_config, str(tmp_path), mesh)
+    assert step == 5
+    jax.tree.map(np.testing.assert_array_equal, restored, params)
+
+    metrics = evaluate.evaluate(restored_config, restored, mesh, max_batches=2)
+    assert metrics["num_examples"] == 2 and 0 <= metrics["exact_match"] <= 1
+    assert all(isinstance(s["prediction"], str) for s in metrics["samples"])
+
+    clip = str(tmp_path / "clip.mp4")
+    t = np.arange(2 * 16000) / 16000
+    encode.write_clip(clip, np.full((16, 32, 32, 3), 100, np.uint8), 8, 0.3 * np.sin(2 * np.pi * 440 * t), 16000)
+    text = answer_lib.answer(restored_config, restored, clip, "what plays?", mesh=mesh)
+    assert isinstance(text, str)
+
+
+def _run_answer(tmp_path, video):
+    return subprocess.Popen(
+        [sys.executable, "-m", "mirasol3b.answer", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+         f"--video={video}", "--question=what?"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_answer_cli_reports_unreadable_files(tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00not a video" * 100)
+    runs = {"not_found": _run_answer(tmp_path, tmp_path / "missing.mp4"), "undecodable": _run_answer(tmp_path, broken)}
+    for reason, run in runs.items():
+        _, stderr = run.communicate(timeout=120)
+        name = "missing.mp4" if reason == "not_found" else "broken.mp4"
+        assert run.returncode == 1, stderr[-2000:]
+        assert name in stderr and reason in stderr and "Traceback" not in stderr, stderr[-2000:]

@@ -1,0 +1,63 @@
+"""The training loop as `main` runs it: resume, nothing to do when finished, NaN stops at its step."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from mirasol3b.train import checkpoints as ckpt
+from mirasol3b.train import loop
+from mirasol3b.train.random_batches import RandomBatches
+
+
+def _config(num_steps: int):
+    cfg = tiny.get_config()
+    for name in ("video_encoder", "audio_encoder", "combiner_transformer", "time_aligned", "text_decoder"):
+        cfg.model[name].update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    cfg.mesh_shape = (2, -1, 1)  # 2 x 4 over the 8 fake devices
+    cfg.data.update(batch_size=8, text_length=16)
+    cfg.train.update(num_steps=num_steps, warmup_steps=1, log_every=2)
+    cfg.checkpoint.update(every_steps=2, keep=2, async_save=False)
+    return cfg
+
+
+class _Poisoned(RandomBatches):
+    """Random batches whose `bad_step`-th batch (1-based) has a NaN in the waveform."""
+
+    def __init__(self, cfg, bad_step):
+        super().__init__(cfg, cfg.data.batch_size)
+        self.bad_step = bad_step
+
+    def __next__(self):
+        batch = super().__next__()
+        if self.position == self.bad_step:
+            batch = dict(batch, audio=np.where(np.arange(batch["audio"].shape[1]) == 7, np.nan, batch["audio"]))
+        return batch
+
+
+def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    cfg = _config(4)
+    loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
+    cfg = _config(6)
+    data = RandomBatches(cfg, cfg.data.batch_size)
+    loop.train(cfg, workdir, data_iter=data)
+    out = capsys.readouterr().out
+    assert "resumed from step 4" in out
+    assert data.position == 6, "the data position was restored with the state"
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == [2, 4, 6]
+    assert os.listdir(os.path.join(workdir, "tensorboard")), "TensorBoard event files are written"
+    assert loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size)) == {}
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "run")
+    cfg = _config(8)
+    with pytest.raises(loop.NonFiniteLossError, match=r"at step 3\b.*step 2"):
+        loop.train(cfg, workdir, data_iter=_Poisoned(cfg, bad_step=3))
+    checkpointer = ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True)
+    assert checkpointer.all_steps() == [2]

@@ -6,3 +6,14 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+
+import orbax.checkpoint as ocp  # noqa: E402
+
+# Orbax's replica-parallel saving (its default, right on pods where replicas share the writing)
+# compiles one slicing program per array shape: ~240 compiles on the tiny model, the largest fixed
+# cost of the checkpoint tests on CPU. The files written are the same either way.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)

@@ -16,7 +16,7 @@ $(STAMP): setup.py requirements.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m mirasol3b.main --config=configs/tiny.py --workdir=runs/demo
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m mirasol3b.demo --config=configs/tiny.py --workdir=runs/demo
 
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests

@@ -381,7 +381,7 @@ def _decode(path: str, container, spec: MediaSpec, start: Fraction) -> Clip:
     video.finish()
 
     if not video.decoded:
-        raise MediaError(path, "undecodable", f"no video frame could be decoded"
+        raise MediaError(path, "undecodable", "no video frame could be decoded"
                                               + (f" ({failure[0]}: {failure[1]})" if failure else ""))
     if failure:
         raise MediaError(path, "truncated", f"{failure[0]} failed after {video.decoded} frames: {failure[1]}")

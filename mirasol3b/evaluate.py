@@ -34,11 +34,11 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from mirasol3b import configlib, decoding, sharding
-from mirasol3b.model import Mirasol3B, samples_per_snippet
+from mirasol3b.model import Mirasol3B
 from mirasol3b.train import checkpoints
 from mirasol3b.train.loop import global_batch
 from mirasol3b.train.optimizer import make_optimizer
-from mirasol3b.train.state import abstract_state, state_shardings
+from mirasol3b.train.state import abstract_state, example_batch, state_shardings
 
 # What the generate function reads from a batch (video/audio only when the model uses them).
 GENERATE_KEYS = ("video", "audio", "media_mask", "prompts", "prompt_lengths")
@@ -199,18 +199,6 @@ def _checkpointer(workdir: str) -> checkpoints.Checkpointer:
     return checkpoints.Checkpointer(workdir, save_every=1, keep=1, read_only=True)
 
 
-def _one_clip(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """A one-clip model batch, as shapes: params do not depend on the batch size.
-
-    (`summary.example_batch` is the same, but importing `summary` defines its --config flag.)"""
-    m, d = config.model, config.data
-    snippets, size = d.num_frames // m.video.snippet_frames, m.video.image_size
-    shapes = {"video": ((1, d.num_frames, size, size, 3), np.uint8),
-              "audio": ((1, snippets * samples_per_snippet(m)), np.float32),
-              "media_mask": ((1, snippets), np.bool_), "text_inputs": ((1, d.text_length), np.int32)}
-    return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
-
-
 def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh):
     """(step, params) of `workdir`'s latest good checkpoint, sharded over `mesh`.
 
@@ -218,7 +206,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
     read with the params (the checkpoint stores them as one item) and dropped.
     """
     model, optimizer = Mirasol3B(config.model), make_optimizer(config.train)
-    boxed, _ = abstract_state(model, optimizer, _one_clip(config))
+    boxed, _ = abstract_state(model, optimizer, example_batch(config, 1))
     target = checkpoints.with_shardings(boxed, state_shardings(boxed, mesh))
     with _checkpointer(workdir) as ckpt:
         found = ckpt.restore_latest(target)

@@ -6,18 +6,23 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from mirasol3b.train.loop import train
+from mirasol3b.train.loop import quiet_logging, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:ttm].",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics (and later checkpoints) go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and evaluations go here; resumes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    train(_CONFIG.value, _WORKDIR.value)
+    from mirasol3b import configlib, evaluate
+
+    quiet_logging()
+    config = _CONFIG.value
+    configlib.validate_eval(config)  # an impossible eval setting fails now, not after training
+    train(config, _WORKDIR.value, evaluate_fn=evaluate.evaluate)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from mirasol3b import configlib
 from mirasol3b.model import Mirasol3B, samples_per_snippet
 from mirasol3b.text_decoder import padded_vocab_size
 from mirasol3b.train.optimizer import make_optimizer
-from mirasol3b.train.state import abstract_state
+from mirasol3b.train.state import abstract_state, example_batch
 from mirasol3b.train.step import make_train_step
 
 # Summary rows -> top-level param collections; the fusion projections belong to the Combiner.
@@ -59,25 +59,6 @@ def sequence_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
         m.num_latents if m.combiner == "transformer" else m.ttm.memory_size)
     sizes["time_aligned_tokens"] = sizes["snippets"] * m.num_latents
     return sizes
-
-
-def example_batch(config: ml_collections.ConfigDict, batch_size: int, abstract: bool = True) -> dict:
-    """The model batch for `config.data`: `ShapeDtypeStruct`s, or zeros if not `abstract`."""
-    m, s = config.model, sequence_sizes(config)
-    length = config.data.text_length
-    shapes = {
-        "media_mask": ((batch_size, s["snippets"]), np.bool_),
-        "text_inputs": ((batch_size, length), np.int32),
-        "text_targets": ((batch_size, length), np.int32),
-        "text_loss_weights": ((batch_size, length), np.float32),
-    }
-    if m.use_video:
-        size = m.video.image_size
-        shapes["video"] = ((batch_size, config.data.num_frames, size, size, 3), np.uint8)
-    if m.use_audio:
-        shapes["audio"] = ((batch_size, s["snippets"] * s["audio_samples"]), np.float32)
-    make = jax.ShapeDtypeStruct if abstract else np.zeros
-    return {k: make(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def _state(config: ml_collections.ConfigDict):
@@ -277,20 +258,19 @@ def format_summary(summary: dict, config: ml_collections.ConfigDict) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirasol3b.py[:ttm].")
-_FLOPS = flags.DEFINE_bool("flops", True, "Lower the train step to count its FLOPs.")
-
-
-def main(argv):
+def main(argv, config_flag, flops_flag):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = configlib.validate(_CONFIG.value)
+    config = configlib.validate(config_flag.value)
     start = time.perf_counter()
-    summary = summarize(config, flops=_FLOPS.value)
+    summary = summarize(config, flops=flops_flag.value)
     print(format_summary(summary, config))
     print(f"summary took {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
+    # Flags are defined here, not at import, so other tools can import this module.
+    _config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirasol3b.py[:ttm].")
+    _flops = flags.DEFINE_bool("flops", True, "Lower the train step to count its FLOPs.")
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(lambda argv: main(argv, _config, _flops))

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import linen as nn
 
 from mirasol3b import configlib, sharding
@@ -89,6 +88,16 @@ class MetricsLog:
         if self.enabled:
             self._file.close()
             self._writer.close()
+
+
+def quiet_logging() -> None:
+    """Only warnings from absl logging (Orbax and TFDS log every file at INFO, burying the progress
+    line), unless `--verbosity` was given."""
+    from absl import flags
+
+    verbosity = flags.FLAGS["verbosity"] if "verbosity" in flags.FLAGS else None
+    if verbosity is None or not verbosity.present:
+        logging.set_verbosity(logging.WARNING)
 
 
 def import_task_modules(config: ml_collections.ConfigDict) -> None:

@@ -7,10 +7,32 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 
 from mirasol3b import sharding
+from mirasol3b.model import samples_per_snippet
+
+
+def example_batch(config, batch_size: int, abstract: bool = True) -> dict:
+    """The model batch of `config` (`config.data`'s clip and text length): `ShapeDtypeStruct`s,
+    or zeros if not `abstract`. Params do not depend on the batch size."""
+    m, d = config.model, config.data
+    snippets = d.num_frames // m.video.snippet_frames
+    shapes = {
+        "media_mask": ((batch_size, snippets), np.bool_),
+        "text_inputs": ((batch_size, d.text_length), np.int32),
+        "text_targets": ((batch_size, d.text_length), np.int32),
+        "text_loss_weights": ((batch_size, d.text_length), np.float32),
+    }
+    if m.use_video:
+        size = m.video.image_size
+        shapes["video"] = ((batch_size, d.num_frames, size, size, 3), np.uint8)
+    if m.use_audio:
+        shapes["audio"] = ((batch_size, snippets * samples_per_snippet(m)), np.float32)
+    make = jax.ShapeDtypeStruct if abstract else np.zeros
+    return {k: make(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 @flax.struct.dataclass

@@ -1,0 +1,85 @@
+"""The main job on the embedded default data (`make demo`):
+
+    python -m mirasol3b.demo --workdir=runs/demo [--config=configs/tiny.py] [--config.key=value ...]
+
+1. builds `synthetic_avqa/tiny` into `<workdir>/tfds` unless it is there (real encoded clips,
+   decoded by the same path as user files);
+2. trains `configs/tiny.py` on it (`mirasol3b.main`'s loop: resumes, or says it is done);
+3. evaluates the latest checkpoint on the validation split (one JSON line, also written to the
+   workdir);
+4. writes one generated test clip to `<workdir>/example_clip.mp4` and answers its question.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where everything is written.")
+
+
+def build_dataset(config) -> None:
+    import tensorflow_datasets as tfds
+
+    from data.builders.synthetic_avqa import synthetic_avqa
+
+    builder = synthetic_avqa.Builder(config="tiny", data_dir=config.data.tfds_data_dir)
+    if builder.is_prepared():
+        print(f"dataset: {builder.data_dir} (already built)", flush=True)
+        return
+    print(f"dataset: building synthetic_avqa/tiny into {config.data.tfds_data_dir}", flush=True)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
+
+
+def answer_example_clip(config, params, mesh, workdir: str) -> dict:
+    """Writes test clip 0 of the synthetic data and answers its question with the trained model."""
+    from data import synthetic
+    from data.encode import write_clip
+    from data.spec import MediaSpec
+    from mirasol3b.answer import answer
+
+    spec = MediaSpec.from_config(config)
+    qa, frames, audio = synthetic.generate_example(config.seed, "test", 0, spec.max_snippets)
+    path = os.path.join(workdir, "example_clip.mp4")
+    source = synthetic.SourceSpec()
+    write_clip(path, frames, source.fps, audio, source.sample_rate)
+    predicted = answer(config, params, path, qa.question, mesh=mesh)
+    return {"clip": path, "question": qa.question, "reference": qa.answer, "prediction": predicted}
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mirasol3b import configlib, evaluate, sharding
+    from mirasol3b.train import loop
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if not config.data.tfds_data_dir:
+        with config.unlocked():
+            config.data.tfds_data_dir = os.path.abspath(os.path.join(workdir, "tfds"))
+    configlib.validate(config)
+    configlib.validate_eval(config)
+    build_dataset(config)
+    loop.quiet_logging()  # after the build: TFDS turns INFO logging on
+    loop.train(config, workdir, evaluate_fn=evaluate.evaluate)
+
+    mesh = sharding.make_mesh(config.mesh_shape)
+    step, params = evaluate.restore_params(config, workdir, mesh)
+    metrics = {"step": step, **evaluate.evaluate(config, params, mesh)}
+    line = json.dumps(metrics)
+    print(line, flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{metrics['split']}_step{step}.json"), "w") as f:
+            f.write(line + "\n")
+    example = answer_example_clip(config, params, mesh, workdir)
+    print(f"clip: {example['clip']}\nquestion: {example['question']}\n"
+          f"answer: {example['prediction']}   (reference: {example['reference']})", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

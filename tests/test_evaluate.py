@@ -22,7 +22,7 @@ from mirasol3b import configlib, evaluate, sharding
 from mirasol3b.model import Mirasol3B, samples_per_snippet
 from mirasol3b.train import checkpoints
 from mirasol3b.train.optimizer import make_optimizer
-from mirasol3b.train.state import TrainState, abstract_state
+from mirasol3b.train.state import TrainState, abstract_state, example_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = seqio.ByteVocabulary()
@@ -145,7 +145,7 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
     cfg = make_config()
     cfg.data.batch_size = 1  # answer() decodes one row: the same shapes compile once
     model, optimizer = Mirasol3B(cfg.model), make_optimizer(cfg.train)
-    boxed, _ = abstract_state(model, optimizer, evaluate._one_clip(cfg))
+    boxed, _ = abstract_state(model, optimizer, example_batch(cfg, 1))
     rng = np.random.default_rng(0)  # numpy params: compiling init would cost as much as generation
     params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.05, a.dtype), nn.unbox(boxed.params))
     state = TrainState(step=jnp.int32(5), params=params, opt_state=optimizer.init(params))

@@ -424,7 +424,7 @@ BAD_CONFIGS = {
     "int_given_as_bool": (_set("model.num_latents", True), "model.num_latents"),
     "unknown_field": (_add_unknown, "model.video.frame_rate"),
     "tube_not_dividing_snippet": (_set("model.video.tube_frames", 3), "model.video.tube_frames"),
-    "text_longer_than_decoder": (_set("data.text_length", 65), "data.text_length"),
+    "text_longer_than_decoder": (_set("data.text_length", 97), "data.text_length"),  # max_length is 96
 }
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import linen as nn
 
 from mirasol3b import configlib, sharding

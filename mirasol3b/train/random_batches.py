@@ -9,27 +9,24 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from mirasol3b.model import samples_per_snippet
+from mirasol3b.train.state import example_batch
 
 
 def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator, batch_size: int) -> dict:
-    """One batch: random frames and waveform, a random prompt of 8 tokens and a scored answer."""
-    m, d = config.model, config.data
-    snippets = d.num_frames // m.video.snippet_frames
-    size = m.video.image_size
-    length = d.text_length
-    tokens = rng.integers(3, m.vocab_size, (batch_size, length + 1), dtype=np.int32)
-    prompt = min(8, length // 2)
+    """One batch of `example_batch`'s shapes: random frames and waveform, all snippets real, a
+    random prompt of up to 8 tokens followed by a scored random answer."""
+    shapes = example_batch(config, batch_size)
+    length = config.data.text_length
+    tokens = rng.integers(3, config.model.vocab_size, (batch_size, length + 1), dtype=np.int32)
     weights = np.zeros((batch_size, length), np.float32)
-    weights[:, prompt:] = 1.0
-    return {
-        "video": rng.integers(0, 256, (batch_size, d.num_frames, size, size, 3), dtype=np.uint8),
-        "audio": rng.normal(scale=0.1, size=(batch_size, snippets * samples_per_snippet(m))).astype(np.float32),
-        "media_mask": np.ones((batch_size, snippets), bool),
-        "text_inputs": tokens[:, :-1],
-        "text_targets": tokens[:, 1:],
-        "text_loss_weights": weights,
-    }
+    weights[:, min(8, length // 2):] = 1.0
+    batch = {"media_mask": np.ones(shapes["media_mask"].shape, bool), "text_inputs": tokens[:, :-1],
+             "text_targets": tokens[:, 1:], "text_loss_weights": weights}
+    if "video" in shapes:
+        batch["video"] = rng.integers(0, 256, shapes["video"].shape, dtype=np.uint8)
+    if "audio" in shapes:
+        batch["audio"] = rng.normal(scale=0.1, size=shapes["audio"].shape).astype(np.float32)
+    return batch
 
 
 class RandomBatches:

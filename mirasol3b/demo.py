@@ -36,9 +36,13 @@ def build_dataset(config) -> None:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
 
 
-def answer_example_clip(config, params, mesh, workdir: str) -> dict:
-    """Writes test clip 0 of the synthetic data and answers its question with the trained model."""
+def answer_example_clip(config, workdir: str) -> dict:
+    """Writes test clip 0 of the synthetic data and answers its question with the trained model.
+
+    One clip is one row: like `mirasol3b.answer`, the params are restored onto one device.
+    """
     from data import synthetic
+    from mirasol3b import evaluate, sharding
     from data.encode import write_clip
     from data.spec import MediaSpec
     from mirasol3b.answer import answer
@@ -48,6 +52,8 @@ def answer_example_clip(config, params, mesh, workdir: str) -> dict:
     path = os.path.join(workdir, "example_clip.mp4")
     source = synthetic.SourceSpec()
     write_clip(path, frames, source.fps, audio, source.sample_rate)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    _, params = evaluate.restore_params(config, workdir, mesh)
     predicted = answer(config, params, path, qa.question, mesh=mesh)
     return {"clip": path, "question": qa.question, "reference": qa.answer, "prediction": predicted}
 
@@ -76,7 +82,7 @@ def main(argv) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{metrics['split']}_step{step}.json"), "w") as f:
             f.write(line + "\n")
-    example = answer_example_clip(config, params, mesh, workdir)
+    example = answer_example_clip(config, workdir)
     print(f"clip: {example['clip']}\nquestion: {example['question']}\n"
           f"answer: {example['prediction']}   (reference: {example['reference']})", flush=True)
 

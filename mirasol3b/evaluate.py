@@ -36,11 +36,11 @@ from ml_collections import config_flags
 from mirasol3b import configlib, decoding, sharding
 from mirasol3b.model import Mirasol3B
 from mirasol3b.train import checkpoints
-from mirasol3b.train.loop import global_batch
+from mirasol3b.train.loop import global_batch, model_batch
 from mirasol3b.train.optimizer import make_optimizer
 from mirasol3b.train.state import abstract_state, example_batch, state_shardings
 
-# What the generate function reads from a batch (video/audio only when the model uses them).
+# What the generate function reads from a batch (video/audio only when the model uses them: `model_batch`).
 GENERATE_KEYS = ("video", "audio", "media_mask", "prompts", "prompt_lengths")
 NUM_SAMPLES = 5
 
@@ -78,13 +78,6 @@ def generate_fn(config: ml_collections.ConfigDict, decode: decoding.DecodeConfig
     return _GENERATE_FNS[key]
 
 
-def generate_inputs(batch: dict, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """The numeric keys generation reads; host-side strings (eval metadata) never reach the devices."""
-    unused = {"video"} if not config.model.use_video else set()
-    unused |= {"audio"} if not config.model.use_audio else set()
-    return {k: batch[k] for k in GENERATE_KEYS if k in batch and k not in unused}
-
-
 def _local_rows(x) -> np.ndarray:
     """This process's rows of a batch-sharded result, in the order it passed them in."""
     if getattr(x, "is_fully_addressable", True):
@@ -109,11 +102,11 @@ def generate_tokens(config: ml_collections.ConfigDict, params, batch: dict, mesh
                     *, decode: decoding.DecodeConfig | None = None, rng: jax.Array | None = None) -> np.ndarray:
     """Generated token ids `[b, max_new_tokens]` for this process's rows of a host batch.
 
-    Only `generate_inputs` go to the devices: as global arrays under `mesh` when given (params may
+    Only the `GENERATE_KEYS` the model uses go to the devices: as global arrays under `mesh` when given (params may
     be sharded over it), else as they are.
     """
     generate = generate_fn(config, decode or decode_config(config))
-    inputs = generate_inputs(batch, config)
+    inputs = model_batch(batch, config, GENERATE_KEYS)
     rng = jax.random.key(config.seed) if rng is None else rng
     in_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with in_mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):

@@ -37,11 +37,12 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
-def model_batch(batch: dict, config: ml_collections.ConfigDict) -> dict:
-    """The numeric keys the model uses (media it does not use is not sent to the devices)."""
+def model_batch(batch: dict, config: ml_collections.ConfigDict, keys: tuple[str, ...] = MODEL_KEYS) -> dict:
+    """`batch`'s `keys` that the model reads: media it does not use, and host-side metadata (eval
+    strings), never go to the devices."""
     skip = {"video"} if not config.model.use_video else set()
     skip |= {"audio"} if not config.model.use_audio else set()
-    return {k: batch[k] for k in MODEL_KEYS if k in batch and k not in skip}
+    return {k: batch[k] for k in keys if k in batch and k not in skip}
 
 
 def global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:

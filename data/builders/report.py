@@ -10,6 +10,8 @@ It lives in the config folder, beside the version folder that holds the dataset
 (`<data_dir>/<name>/<config>/skipped.jsonl`, see `skipped_report_path`), not inside it: TFDS
 generates into a temporary `incomplete.*` folder that it deletes when the build fails, and the
 report must outlive exactly those builds. Each build that generates data starts a fresh report.
+`data_dir` may be a URI (`gs://bucket/tfds`): the report goes through `etils.epath.Path`, as TFDS's
+own files do. (On GCS each appended row re-uploads the report: fine for the few rows a build skips.)
 
 At the end of the build one summary line is printed, e.g.
     local_media/tiny: kept 12, skipped 5 (empty_file 1, no_audio_track 2, ...); report: <path>
@@ -20,9 +22,9 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+from etils import epath
 
 SKIPPED_FILENAME = "skipped.jsonl"
 
@@ -40,13 +42,14 @@ class EmptySplitError(RuntimeError):
     """Every example of a split was skipped."""
 
 
-def skipped_report_path(builder) -> Path:
+def skipped_report_path(builder) -> epath.Path:
     """`<data_dir>/<name>/<config>/skipped.jsonl` for a TFDS builder (with or without configs).
 
     Same answer during the build (when `builder.data_path` is TFDS's temporary folder, a sibling of
     the version folder) and after it.
     """
-    return Path(os.fspath(builder.data_path)).parent / SKIPPED_FILENAME
+    # epath, not pathlib: `pathlib.Path("gs://b/x")` collapses the scheme to "gs:/b/x".
+    return epath.Path(builder.data_path).parent / SKIPPED_FILENAME
 
 
 def _skippable() -> tuple[type[BaseException], ...]:
@@ -81,7 +84,7 @@ class BuildReport:
              line: int | None = None) -> None:
         row = {"split": split, "file": file, "reason": reason, "detail": detail, "annotation": annotation,
                "line": line}
-        with open(self.path, "a", encoding="utf-8") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.skipped[split] += 1
         self.reasons[reason] += 1

@@ -31,6 +31,14 @@ flag is not enough: every host must save at the same step, so `should_stop` then
 `jax.experimental.multihost_utils.reached_preemption_sync_point(step)`, for which
 `jax.distributed` (its preemption service, on by default) catches SIGTERM itself and agrees on the
 step; the guard installs no Python handler there, as it would replace that one.
+
+Remote workdirs. `workdir` may be a local path or a URI such as `gs://bucket/runs/x` (what TPU pod
+slices use): Orbax reads and writes `gs://` itself (TensorStore's GCS driver), and every other file
+this module touches (the corrupt-checkpoint record, the step listing) goes through
+`etils.epath.Path` (`tf.io.gfile` when TensorFlow is installed). Local paths are made absolute;
+URIs are kept as given (`os.path.abspath` would turn `gs://b/x` into `$PWD/gs:/b/x`). Orbax asks
+google-cloud-storage whether a bucket has a hierarchical namespace before it lists steps there, a
+package it does not require: `Checkpointer` says so up front (`require_gcs_client`).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
@@ -69,6 +78,44 @@ class CheckpointCorruptError(RuntimeError):
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
+def is_remote(path: epath.PathLike) -> bool:
+    """True for a URI (`gs://bucket/...`, `s3://...`): a path `os` functions cannot reach."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: epath.PathLike) -> epath.Path:
+    """`path` as an `epath.Path`: local paths made absolute, URIs (`gs://...`) kept as they are."""
+    return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(path))
+
+
+def require_gcs_client(directory: epath.PathLike) -> None:
+    """Raises ImportError naming the package when `directory` is `gs://` and google-cloud-storage is
+    missing (Orbax imports it to list checkpoint steps in a bucket; without it every call fails
+    with a bare "cannot import name 'storage' from 'google.cloud'")."""
+    if not os.fspath(directory).startswith("gs://"):
+        return
+    try:
+        from google.cloud import storage  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"checkpoints in {os.fspath(directory)} need google-cloud-storage (Orbax lists a "
+                          "bucket's checkpoint steps with it): pip install google-cloud-storage") from e
+
+
+def write_text_atomically(path: epath.Path, text: str) -> None:
+    """Writes `text` to `path` so that a reader sees the old file or the new one, never half of one.
+
+    Local: a temporary file renamed over `path` (`os.replace`, atomic on POSIX). Remote (GCS):
+    written directly, because an object becomes visible only once its upload completes, whole,
+    while a "rename" there is a copy then a delete, with no atomicity of its own.
+    """
+    if is_remote(path):
+        path.write_text(text)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
 
 def with_shardings(abstract, shardings):
     """Restore target: `ShapeDtypeStruct(shape, dtype, sharding)` leaves from an abstract tree (boxed
@@ -222,14 +269,18 @@ class Checkpointer:
     Every process calls every method (Orbax synchronises them).
     """
 
-    def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True,
+    def __init__(self, workdir: epath.PathLike, *, save_every: int, keep: int, async_save: bool = True,
                  read_only: bool = False, _state_handler=None):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        # Strings (absolute local paths, or URIs as given), for messages and callers; file
+        # operations go through `epath.Path` (see "Remote workdirs" in the module docstring).
+        workdir_path = as_path(workdir)
+        self.workdir = os.fspath(workdir_path)
+        self.directory = os.fspath(workdir_path / "checkpoints")
         self.save_every, self.keep, self.read_only = save_every, keep, read_only
-        self.record_path = os.path.join(self.workdir, CORRUPT_RECORD)
+        self.record_path = os.fspath(workdir_path / CORRUPT_RECORD)
+        require_gcs_client(self.directory)
         self.corrupt: dict[int, str] = self._read_record()  # step -> why; shared with the policy
         self.problems: list[str] = []  # every warning this checkpointer reported
         self._saved: set[int] = set()
@@ -244,12 +295,14 @@ class Checkpointer:
     # -- bookkeeping --
 
     def step_path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return os.fspath(epath.Path(self.directory) / str(step))
 
     def _read_record(self) -> dict[int, str]:
+        record = epath.Path(self.record_path)
         try:
-            with open(self.record_path) as f:
-                return {int(k): v for k, v in json.load(f).items()}
+            if not record.exists():
+                return {}
+            return {int(k): v for k, v in json.loads(record.read_text()).items()}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, AttributeError) as e:
@@ -259,10 +312,8 @@ class Checkpointer:
     def _write_record(self) -> None:
         if self.read_only or jax.process_index() != 0:
             return
-        tmp = self.record_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({str(k): v for k, v in sorted(self.corrupt.items())}, f, indent=1)
-        os.replace(tmp, self.record_path)
+        text = json.dumps({str(k): v for k, v in sorted(self.corrupt.items())}, indent=1)
+        write_text_atomically(epath.Path(self.record_path), text)
 
     def _report(self, message: str) -> None:
         logging.warning("%s", message)
@@ -270,14 +321,15 @@ class Checkpointer:
 
     def _half_written(self) -> dict[int, str]:
         """step -> path of Orbax temporary directories (a save that never finished)."""
+        directory = epath.Path(self.directory)
         try:
-            names = os.listdir(self.directory)
+            names = [p.name for p in directory.iterdir()] if directory.exists() else []
         except FileNotFoundError:
             return {}
         found = {}
         for name in names:
             if m := _TMP_STEP.match(name):
-                found[int(m.group(1))] = os.path.join(self.directory, name)
+                found[int(m.group(1))] = os.fspath(directory / name)
         return found
 
     def latest_step(self) -> int | None:
@@ -304,8 +356,8 @@ class Checkpointer:
             return True  # e.g. the periodic save already wrote the step a preemption stops at
         if not force and step % self.save_every:
             return False
-        existing = os.path.join(self.directory, str(step))
-        blocker = existing if os.path.exists(existing) else self._half_written().get(step)
+        existing = self.step_path(step)
+        blocker = existing if epath.Path(existing).exists() else self._half_written().get(step)
         if _primary_decides(blocker is not None):
             self._report(f"checkpoint step {step}: not saved, because {blocker or existing} already exists "
                          "(a corrupt or half-written checkpoint, left untouched); the next save goes ahead")
@@ -403,12 +455,13 @@ class Checkpointer:
 
 # ---- fine-tuning -------------------------------------------------------------------------------
 
-def load_params_for_finetuning(init_from: str, abstract_params, *, fresh_params=None,
+def load_params_for_finetuning(init_from: epath.PathLike, abstract_params, *, fresh_params=None,
                                allow_missing: bool = False, allow_unexpected: bool = False,
                                allow_shape_mismatch: bool = False):
     """Params only (no optimizer state, no step) from the newest good checkpoint of another run.
 
-    `init_from`: that run's workdir (or its `checkpoints` directory). `abstract_params`:
+    `init_from`: that run's workdir (or its `checkpoints` directory), local or a URI such as
+    `gs://bucket/runs/x`. `abstract_params`:
     `ShapeDtypeStruct` leaves with the shardings to load onto. Paths in the model but not in the
     checkpoint (missing), in the checkpoint but not in the model (unexpected), and shapes that
     differ raise `CheckpointMismatchError` listing them, unless allowed: then missing and
@@ -416,13 +469,12 @@ def load_params_for_finetuning(init_from: str, abstract_params, *, fresh_params=
     unexpected ones are dropped, and the lists are logged. Corrupt steps fall back as in
     `Checkpointer.restore_latest`.
     """
-    workdir = init_from
-    if not os.path.isdir(os.path.join(init_from, "checkpoints")) and os.path.basename(
-            os.path.normpath(init_from)) == "checkpoints":
-        workdir = os.path.dirname(os.path.normpath(init_from))
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"init_from={init_from!r}: no checkpoints directory at "
-                                f"{os.path.join(workdir, 'checkpoints')}")
+    workdir = epath.Path(init_from)  # normalised: no trailing slash
+    if not (workdir / "checkpoints").is_dir() and workdir.name == "checkpoints":
+        workdir = workdir.parent
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"init_from={os.fspath(init_from)!r}: no checkpoints directory at "
+                                f"{workdir / 'checkpoints'}")
     source = Checkpointer(workdir, save_every=1, keep=1, read_only=True,
                           _state_handler=ocp.PyTreeCheckpointHandler())
     abstract_params = nn.unbox(abstract_params)

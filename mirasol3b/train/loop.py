@@ -4,6 +4,10 @@
     every step:   global batch -> train_step (donated) -> stop with the step named on a NaN/Inf loss
     every N:      progress line, metrics.jsonl, TensorBoard events; checkpoint; evaluation
     on SIGTERM:   save at the step reached and exit with PREEMPTED_EXIT_CODE
+
+`workdir` may be local or a URI (`gs://bucket/runs/x` on TPU pod slices): its files are written
+through `etils.epath.Path`, TensorBoard's through TensorFlow, checkpoints through Orbax, all of
+which reach `gs://`.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import linen as nn
 
 from mirasol3b import configlib, sharding
@@ -57,9 +61,14 @@ def _format_eta(seconds: float) -> str:
 
 
 class MetricsLog:
-    """Appends metrics to `metrics.jsonl` and TensorBoard event files in the workdir (process 0)."""
+    """Appends metrics to `metrics.jsonl` and TensorBoard event files in the workdir (process 0).
 
-    def __init__(self, workdir: str):
+    `metrics.jsonl` is opened, appended to and closed at every write (an `epath` file on GCS is a
+    context manager, not a handle to keep): on GCS each write re-uploads the whole object, which is
+    small (one line per `train.log_every` steps), and a crash loses at most the line being written.
+    """
+
+    def __init__(self, workdir: epath.PathLike):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             import tensorflow as tf
@@ -71,15 +80,16 @@ class MetricsLog:
             metadata.plugin_data.plugin_name = "scalars"
             self._scalar_metadata = metadata.SerializeToString()
             self._tf = tf
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            self.path = epath.Path(workdir) / "metrics.jsonl"
+            self.path.touch()  # present from the start, as an opened log would be
+            self._writer = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))  # gs:// too
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
-        self._file.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
-        self._file.flush()
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
         with self._writer.as_default(step=step):
             for k, v in scalars.items():
                 self._tf.summary.write(f"{prefix}/{k}", self._tf.constant(v, self._tf.float32),
@@ -88,7 +98,6 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
             self._writer.close()
 
 
@@ -131,16 +140,17 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
     return state, shardings, 0
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, data_iter: Iterator | None = None,
+def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_iter: Iterator | None = None,
           evaluate_fn=None) -> dict:
     """Trains to `config.train.num_steps`, resuming from `workdir` if it holds a checkpoint.
 
-    `data_iter` (default: the SeqIO pipeline of `config.data.task`) yields host-local batches and
-    has `get_state`/`set_state`. `evaluate_fn(config, params, mesh) -> metrics` runs every
-    `config.eval.every_steps` and at the end. Returns the last logged train metrics.
+    `workdir` may be local or `gs://...`. `data_iter` (default: the SeqIO pipeline of
+    `config.data.task`) yields host-local batches and has `get_state`/`set_state`.
+    `evaluate_fn(config, params, mesh) -> metrics` runs every `config.eval.every_steps` and at the
+    end. Returns the last logged train metrics.
     """
     configlib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh_shape)
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.data.batch_size % data_shards:

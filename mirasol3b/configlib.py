@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.video = ml_collections.ConfigDict(dict(fps=8.0, snippet_frames=2, image_size=32, tube_frames=2, patch_size=8))
     m.audio = ml_collections.ConfigDict(dict(
         sample_rate=16000, n_fft=400, win_length=400, hop_length=160, n_mels=32, fmin=0.0, fmax=8000.0,
-        top_db=80.0, patch_frames=5, patch_mels=8))
+        top_db=80.0, patch_frames=5, patch_mels=8,
+        dft="matmul"))  # the STFT as "matmul" (TPU/GPU) or "fft" (cheaper on CPU)
     m.video_encoder = _stack(64, 1, 2, 128)
     m.audio_encoder = _stack(64, 1, 2, 128)
     m.combiner_transformer = _stack(64, 1, 2, 128)
@@ -58,7 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.text_decoder = _stack(64, 2, 2, 128)
     m.text_decoder.max_length = 64
 
-    c.loss = ml_collections.ConfigDict(dict(latent_loss_weight=1.0, normalize_latent_target=True))
+    # latent_loss: "contrastive" (InfoNCE over the batch) or "mse" (see mirasol3b/losses.py for why
+    # contrastive is the default); normalize_latent_target applies to "mse" only.
+    c.loss = ml_collections.ConfigDict(dict(latent_loss_weight=1.0, latent_loss="contrastive",
+                                            latent_temperature=0.1, normalize_latent_target=True))
 
     c.data = ml_collections.ConfigDict(dict(
         num_frames=8, text_length=32, batch_size=8,
@@ -210,6 +214,7 @@ RULES: dict[str, Callable] = {
     "model.audio.fmin": _number(0.0),
     "model.audio.fmax": _optional(_number(0.0, lo_open=True)),
     "model.audio.top_db": _optional(_number(0.0, lo_open=True)),
+    "model.audio.dft": _one_of("matmul", "fft"),
     "model.audio.patch_frames": _pos_int,
     "model.audio.patch_mels": _pos_int,
     "model.ttm.memory_size": _pos_int,
@@ -218,6 +223,8 @@ RULES: dict[str, Callable] = {
     **{f"model.{s}.{f}": check for s in _STACKS for f, check in _STACK_FIELDS.items()},
     "loss.latent_loss_weight": _number(0.0),
     "loss.normalize_latent_target": _bool,
+    "loss.latent_loss": _one_of("contrastive", "mse"),
+    "loss.latent_temperature": _number(0.0, lo_open=True),
     "data.num_frames": _pos_int,
     "data.text_length": _pos_int,
     "data.batch_size": _pos_int,

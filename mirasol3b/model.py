@@ -44,7 +44,8 @@ def samples_per_snippet(model_config: ml_collections.ConfigDict) -> int:
 def logmel_spec(model_config: ml_collections.ConfigDict) -> LogMelSpec:
     a = model_config.audio
     return LogMelSpec(sample_rate=a.sample_rate, n_fft=a.n_fft, win_length=a.win_length,
-                      hop_length=a.hop_length, n_mels=a.n_mels, fmin=a.fmin, fmax=a.fmax, top_db=a.top_db)
+                      hop_length=a.hop_length, n_mels=a.n_mels, fmin=a.fmin, fmax=a.fmax, top_db=a.top_db,
+                      dft=a.dft)
 
 
 class Mirasol3B(nn.Module):

@@ -266,6 +266,26 @@ def test_latent_loss_counts_only_valid_pairs():
            losses.latent_loss(jnp.asarray(latents), jnp.asarray(predictions), jnp.asarray(mask)))
 
 
+def test_contrastive_latent_loss_rewards_the_right_next_snippet_and_ignores_padding():
+    rng = np.random.default_rng(4)
+    latents = jnp.asarray(rng.normal(size=(6, 4, 2, 8)), jnp.float32)
+    mask = jnp.ones((6, 4), bool)
+    right = jnp.concatenate([latents[:, 1:], latents[:, :1]], axis=1)  # predictions[:, t] = latents[:, t + 1]
+    wrong = jnp.roll(right, 1, axis=0)  # another example's next snippet
+    loss = lambda lat, pred, m=mask: float(losses.contrastive_latent_loss(lat, pred, m, temperature=0.1))  # noqa: E731
+    assert loss(latents, right) < 0.05 < np.log(6) + 1 < loss(latents, wrong)
+    # Latents that ignore the media cannot do better than chance among the 6 examples.
+    np.testing.assert_allclose(loss(jnp.ones_like(latents), jnp.ones_like(latents)), np.log(6), rtol=1e-5)
+    # A padded snippet: its pairs are neither scored nor negatives, whatever they hold.
+    padded = mask.at[0, 2].set(False)
+    garbage_latents = latents.at[0, 2].set(1e3)
+    garbage_pred = right.at[0, 1:3].set(-1e3)
+    _close(loss(garbage_latents, garbage_pred, padded), loss(latents, right, padded))
+    # Both sides learn (no stop-gradient): the target latents get a gradient too.
+    g = jax.grad(lambda z: losses.contrastive_latent_loss(z, jnp.roll(z, -1, axis=1) * 0.5, mask))(latents)
+    assert float(jnp.abs(g[:, 1:]).min()) > 0.0
+
+
 def test_text_loss_counts_only_weighted_tokens():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)

@@ -121,7 +121,7 @@ def test_events_are_where_they_should_be_after_encode_and_decode():
     is visible exactly when its event says so, and a playing tone is the spectral peak."""
     cfg = Builder.builder_configs["tiny_smoke"]
     spec = cfg.spec
-    made = dict(_Maker(cfg)("validation", range(3)))
+    made = {index: example for index, _, example in _Maker(cfg)("validation", range(3))}
     for index, example in made.items():
         assert isinstance(example, dict), example
         qa = synthetic.generate_qa(cfg.seed, "validation", index, spec.max_snippets)
@@ -143,6 +143,39 @@ def test_events_are_where_they_should_be_after_encode_and_decode():
                 assert abs(peak - synthetic.PITCHES[playing[0].attr]) < 20, (index, snippet, playing, peak)
             else:
                 assert np.sqrt(np.mean(samples**2)) < 0.02, (index, snippet)
+
+
+def test_more_questions_are_distinct_well_posed_questions_about_the_same_clip():
+    rng = np.random.default_rng(0)
+    for index in range(30):
+        qa = synthetic.generate_qa(0, "train", index, 4)
+        extra = synthetic.extra_questions(0, "train", index, qa, 5)
+        assert extra == synthetic.extra_questions(0, "train", index, qa, 5)  # deterministic
+        keys = [(q.question_type, q.params) for q in [qa, *extra]]
+        assert len(set(keys)) == len(keys) == 6
+        for q in extra:
+            assert q.layout == qa.layout
+            assert q.answer == synthetic.ask(q.template, q.layout, dict(q.params)) is not None
+    qa = synthetic.sample_qa(rng, 4)
+    everything = synthetic.well_posed_questions(qa.layout)
+    assert len(synthetic.more_questions(rng, qa, 1000)) == len(everything) - 1
+
+
+def test_training_clips_carry_extra_questions_and_evaluation_clips_one():
+    import dataclasses
+
+    cfg = dataclasses.replace(Builder.builder_configs["tiny_smoke"], train_questions_per_clip=3)
+    train = _Maker(cfg)("train", range(2))
+    assert [(i, j) for i, j, _ in train] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    for index in range(2):
+        rows = [ex for i, _, ex in train if i == index]
+        first = synthetic.generate_qa(cfg.seed, "train", index, cfg.spec.max_snippets)
+        assert (rows[0]["prompt"], rows[0]["answer"]) == (first.question, first.answer)
+        assert len({r["prompt"] for r in rows}) == 3
+        for r in rows[1:]:
+            np.testing.assert_array_equal(r["video"], rows[0]["video"])
+            np.testing.assert_array_equal(r["audio"], rows[0]["audio"])
+    assert [(i, j) for i, j, _ in _Maker(cfg)("validation", range(2))] == [(0, 0), (1, 0)]
 
 
 def test_tiny_smoke_builds_and_loads(tmp_path, capsys):

@@ -18,6 +18,8 @@ def make_loss_fn(model: nn.Module, loss_config: ml_collections.ConfigDict) -> Ca
     def loss_fn(params, batch, rng):
         outputs = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
         return losses.compute_loss(outputs, batch, latent_loss_weight=loss_config.latent_loss_weight,
+                                   latent_loss_type=loss_config.latent_loss,
+                                   latent_temperature=loss_config.latent_temperature,
                                    normalize_latent_target=loss_config.normalize_latent_target)
     return loss_fn
 

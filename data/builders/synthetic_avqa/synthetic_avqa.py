@@ -53,6 +53,9 @@ class SyntheticAvqaConfig(tfds.core.BuilderConfig):
     validation_size: int = SPLIT_SIZES["tiny"][1]
     test_size: int = SPLIT_SIZES["tiny"][2]
     seed: int = 0
+    # Questions per training clip: the first is balanced (`synthetic.sample_qa`), the rest are
+    # `synthetic.extra_questions` about the same clip. Evaluation splits always ask one.
+    train_questions_per_clip: int = 1
     source_fps: int = 24
     source_image_size: int = 64
     source_sample_rate: int = 44_100
@@ -61,9 +64,9 @@ class SyntheticAvqaConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self):
         self.source  # validates both geometries now rather than mid-build
-        if self.clips_per_file < 1 or self.workers < 1:
-            raise ValueError(f"SyntheticAvqaConfig: clips_per_file and workers must be >= 1, got "
-                             f"{self.clips_per_file}, {self.workers}")
+        if self.clips_per_file < 1 or self.workers < 1 or self.train_questions_per_clip < 1:
+            raise ValueError(f"SyntheticAvqaConfig: clips_per_file, workers and train_questions_per_clip must be "
+                             f">= 1, got {self.clips_per_file}, {self.workers}, {self.train_questions_per_clip}")
         if self.spec.max_snippets < synthetic.MIN_SNIPPETS:
             raise ValueError(f"SyntheticAvqaConfig: clips need >= {synthetic.MIN_SNIPPETS} snippets, "
                              f"num_frames={self.num_frames} gives {self.spec.max_snippets}")
@@ -120,7 +123,7 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
         return {split: report.generate(split, self._made(make, split, size), _unpack, _describe(cfg, split))
                 for split, size in cfg.split_sizes.items()}
 
-    def _made(self, make: "_Maker", split: str, size: int) -> Iterator[tuple[int, dict | Exception]]:
+    def _made(self, make: "_Maker", split: str, size: int) -> Iterator[tuple[int, int, dict | Exception]]:
         k = self.builder_config.clips_per_file
         runs = (range(start, min(start + k, size)) for start in range(0, size, k))
         for made in _ordered_map(functools.partial(make, split), runs, self.builder_config.workers):
@@ -141,7 +144,9 @@ class _Maker:
     def __init__(self, cfg: SyntheticAvqaConfig):
         self.cfg, self.spec, self.source = cfg, cfg.spec, cfg.source
 
-    def __call__(self, split: str, indices: Sequence[int]) -> list[tuple[int, dict | Exception]]:
+    def __call__(self, split: str, indices: Sequence[int]) -> list[tuple[int, int, dict | Exception]]:
+        """-> [(index, question number, example or the error that skips the clip)]; a skipped clip
+        is one item, whatever its number of questions."""
         from data.encode import write_clip  # imported here: only building needs ffmpeg and PyAV
         from data.media import MediaError, decode_clip
 
@@ -154,24 +159,26 @@ class _Maker:
             try:
                 run = decode_clip(path, dataclasses.replace(spec, num_frames=len(drawn) * spec.num_frames))
             except MediaError as e:
-                return [(i, e) for i in indices]  # raised (and reported) by the consumer, see `_unpack`
+                return [(i, 0, e) for i in indices]  # raised (and reported) by the consumer, see `_unpack`
         frames, samples = spec.num_frames, snippets * spec.samples_per_snippet
+        extra = self.cfg.train_questions_per_clip - 1 if split == "train" else 0
         out = []
         for k, (index, (qa, _, _)) in enumerate(zip(indices, drawn)):
             if (k + 1) * snippets > run.num_snippets:  # its last snippets' events would be lost
-                out.append((index, SkipExample("too_short", f"the run decoded to {run.num_snippets} snippets, "
-                                                            f"clip {k} needs {(k + 1) * snippets}")))
+                out.append((index, 0, SkipExample("too_short", f"the run decoded to {run.num_snippets} snippets, "
+                                                               f"clip {k} needs {(k + 1) * snippets}")))
                 continue
-            out.append((index, {
-                "video": run.video[k * frames:(k + 1) * frames], "audio": run.audio[k * samples:(k + 1) * samples],
-                "num_snippets": snippets, "audio_missing": run.audio_missing, "prompt": qa.question,
-                "answer": qa.answer, "kind": "qa", "question_type": qa.question_type,
-                "source": synthetic.source_id(self.cfg.seed, split, index)}))
+            media = {"video": run.video[k * frames:(k + 1) * frames], "audio": run.audio[k * samples:(k + 1) * samples],
+                     "num_snippets": snippets, "audio_missing": run.audio_missing, "kind": "qa",
+                     "source": synthetic.source_id(self.cfg.seed, split, index)}
+            questions = [qa, *synthetic.extra_questions(self.cfg.seed, split, index, qa, extra)]
+            out.extend((index, j, {**media, "prompt": q.question, "answer": q.answer, "question_type": q.question_type})
+                       for j, q in enumerate(questions))
         return out
 
 
-def _unpack(item: tuple[int, dict | Exception]) -> dict:
-    example = item[1]
+def _unpack(item: tuple[int, int, dict | Exception]) -> dict:
+    example = item[2]
     if isinstance(example, Exception):
         raise example
     return example
@@ -180,7 +187,7 @@ def _unpack(item: tuple[int, dict | Exception]) -> dict:
 def _describe(cfg: SyntheticAvqaConfig, split: str) -> Callable[[tuple], dict]:
     def describe(item):
         source = synthetic.source_id(cfg.seed, split, item[0])
-        return {"key": source, "file": source}
+        return {"key": source + (f"/q{item[1]}" if item[1] else ""), "file": source}
     return describe
 
 

@@ -22,5 +22,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
+# Speed and memory on this CPU (benchmarks/README.md); appends rows to benchmarks/RESULTS.md.
+bench: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/run_all.py
+
 clean:
 	rm -rf runs/demo

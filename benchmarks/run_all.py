@@ -1,0 +1,64 @@
+"""`make bench`: runs the CPU benchmarks one after another, each in its own process, then prints one
+table of every figure with its target.
+
+    .venv/bin/python benchmarks/run_all.py [--quick] [--no-write]
+
+1. peer_train_step.py (creates the peer's venv on first use), 2. video_length.py, 3. decode.py.
+Each prints its own tables and appends its row to benchmarks/RESULTS.md. accelerator.py is not
+run here: it needs a GPU or TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = ("peer_train_step.py", "video_length.py", "decode.py")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
+    parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    extra = (["--quick"] if args.quick else []) + (["--no-write"] if args.no_write else [])
+
+    start = time.perf_counter()
+    failed, walls = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = os.path.join(tmp, "summary.jsonl")
+        for script in BENCHMARKS:
+            print(f"\n==== {script} " + "=" * max(0, 70 - len(script)), flush=True)
+            t = time.perf_counter()
+            code = subprocess.call([sys.executable, os.path.join(HERE, script), "--summary", summary, *extra],
+                                   env=dict(os.environ, BENCH_RUNNER="make bench"))
+            walls[script] = time.perf_counter() - t
+            if code:
+                failed.append(f"{script} (exit {code})")
+        checks = []
+        if os.path.exists(summary):
+            with open(summary) as f:
+                checks = [json.loads(line) for line in f]
+
+    total = time.perf_counter() - start
+    print("\n==== summary " + "=" * 66)
+    headers = ["benchmark", "figure", "value", "target", ""]
+    rows = [[c["benchmark"], c["figure"], c["value"], c["target"],
+             "" if c["met"] is None else ("met" if c["met"] else "NOT met")] for c in checks]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for r in [headers, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+    print("wall: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()) + f"; total {total / 60:.1f} min")
+    if failed:
+        print("FAILED: " + ", ".join(failed))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

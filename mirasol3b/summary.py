@@ -138,8 +138,10 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
         a = m.audio
         stft_frames = 1 + s["audio_samples"] // a.hop_length
         n_freqs = a.n_fft // 2 + 1
-        # The log-mel (two DFT matmuls and the filterbank) has no parameters: forward only.
-        logmel = 2 * clips * stft_frames * n_freqs * (2 * a.win_length + a.n_mels)
+        # The log-mel (two DFT matmuls and the filterbank) has no parameters: forward only. With
+        # dft="fft" only the filterbank is a matmul; the FFT's O(n log n) is left out, as it is small.
+        dft_width = 2 * a.win_length if a.dft == "matmul" else 0
+        logmel = 2 * clips * stft_frames * n_freqs * (dft_width + a.n_mels)
         patch = a.patch_frames * a.patch_mels
         add("audio_encoder", 2 * clips * s["audio_tokens"] * patch * m.audio_encoder.width,
             [_stack_flops(m.audio_encoder, clips, s["audio_tokens"])])

@@ -33,7 +33,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from absl import flags
+from absl import app, flags
 
 MODES = ("auto", "on", "off")
 
@@ -147,6 +147,11 @@ def maybe_initialize(mode: str = "auto", *, coordinator_address: str | None = No
 
 
 def maybe_initialize_from_flags() -> Decision:
-    """`maybe_initialize` with `--distributed`, `--coordinator_address`, `--num_processes`, `--process_id`."""
-    return maybe_initialize(_MODE.value, coordinator_address=_COORDINATOR.value,
-                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    """`maybe_initialize` with `--distributed`, `--coordinator_address`, `--num_processes`, `--process_id`;
+    call it first in a program's main, before anything asks JAX for a device. Bad flags are an
+    `app.UsageError`."""
+    try:
+        return maybe_initialize(_MODE.value, coordinator_address=_COORDINATOR.value,
+                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e

@@ -33,7 +33,6 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 from flax import linen as nn
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from mirasol3b import configlib, decoding, sharding
@@ -89,18 +88,6 @@ def _local_rows(x) -> np.ndarray:
     return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
 
-def _all_processes(records: list[dict]) -> list[dict]:
-    """Every process's records (JSON through an all-gather of bytes); one process: `records`."""
-    if jax.process_count() == 1:
-        return records
-    data = np.frombuffer(json.dumps(records).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size)))
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
-    every = np.asarray(multihost_utils.process_allgather(padded))
-    return [r for p, n in enumerate(sizes) for r in json.loads(every[p, :int(n)].tobytes())]
-
-
 def generate_tokens(config: ml_collections.ConfigDict, params, batch: dict, mesh: jax.sharding.Mesh | None = None,
                     *, decode: decoding.DecodeConfig | None = None, rng: jax.Array | None = None) -> np.ndarray:
     """Generated token ids `[b, max_new_tokens]` for this process's rows of a host batch.
@@ -143,7 +130,7 @@ def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh |
                 "question_type": batch["question_type"][r],
                 "kind": batch["kind"][r],
             })
-    return _all_processes(records)
+    return [r for part in sharding.gather_json(records) for r in part]  # every process's
 
 
 # ---- scoring ----------------------------------------------------------------------------------
@@ -270,10 +257,7 @@ def main(argv, flag_values) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mirasol3b import distributed
 
-    try:  # before anything asks JAX for a device
-        distributed.maybe_initialize_from_flags()
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
+    distributed.maybe_initialize_from_flags()
     config_flag, workdir_flag, split_flag = flag_values
     config, workdir = config_flag.value, workdir_flag.value
     try:

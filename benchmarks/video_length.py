@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/video_length.py [--quick] [--rounds N] [--batch B]
 
 `configs/tiny.py` at 32, 64, 128, 256 and 512 frames with its snippet length fixed (2 frames), so
-a longer clip only adds snippets; for both Combiners (`model.combiner` = transformer | ttm).
+a longer clip only adds snippets; for both Combiners (`model.combiner` = transformer | ttm). The
+time-aligned model attends over a window of `--window` snippets (`model.time_aligned.window`,
+default 16 = 32 frames; 0 = every earlier snippet, whose attention grows with the square of the length).
 Every length's step is compiled once, then the steps are timed in turn (32, 64, ..., 512, 32, ...)
 so that all lengths see the same machine. Memory is the compiled step's `memory_analysis()`:
 arguments + outputs - donated aliases + temporaries.
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32, 128 and 512 frames only, one timed round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="clips per step (tiny.py trains with 32)")
+    parser.add_argument("--window", type=int, default=16, help="model.time_aligned.window (0: full attention)")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--summary", help="append the checks as JSON lines here (run_all.py)")
     args = parser.parse_args()
@@ -43,7 +46,7 @@ def main() -> None:
     for combiner in COMBINERS:
         for n in frames:
             cfg = common.tiny_config({"model.combiner": combiner, "data.num_frames": n,
-                                      "data.batch_size": args.batch})
+                                      "data.batch_size": args.batch, "model.time_aligned.window": args.window})
             steps[combiner, n] = step = common.TrainStep(cfg)
             print(f"{combiner:>11} {n:4d} frames ({n // cfg.model.video.snippet_frames} snippets): "
                   f"{step.num_params:,} params, compiled in {step.compile_seconds:.0f} s", flush=True)
@@ -76,14 +79,15 @@ def main() -> None:
         figures.append(f"{combiner}: {per_length}; 512/128 time {t512:.2f}x, memory {m512:.2f}x; params "
                        f"{min(params):,}" + ("" if len(params) == 1 else " (DIFFER)"))
     print()
-    print(f"tiny model, batch {args.batch}, f32, snippets of 2 frames; {rounds} timed rounds after 1 warm-up "
+    print(f"tiny model, batch {args.batch}, f32, snippets of 2 frames, time-aligned window {args.window}; "
+          f"{rounds} timed rounds after 1 warm-up "
           "(median); x128 = relative to 128 frames")
     print(common.table(["combiner", "frames", "snippets", "params", "ms/step", "x128", "peak MiB", "x128"], rows))
     print(f"target: 512 frames <= {TARGET}x of 128 frames in time and memory, same parameters")
     for v in verdicts:
         print("  " + v)
     if not args.no_write:
-        common.write_row("video_length", f"batch {args.batch}; " + "; ".join(figures), machine)
+        common.write_row("video_length", f"batch {args.batch}, window {args.window}; " + "; ".join(figures), machine)
     common.write_summary(args.summary, "video_length", checks)
 
 

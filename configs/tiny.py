@@ -15,11 +15,16 @@ def get_config(arg: str | None = None):
     for stack in ("combiner_transformer", "time_aligned", "text_decoder"):
         config.model[stack].num_heads = 4
     config.model.audio.dft = "fft"  # a CPU config: the FFT is the cheaper STFT here
+    config.model.scan_layers = False  # on CPU unrolled layers train ~25% faster and decode faster
+    # With the joint readout, whichever modality the answers first profit from (video here) takes
+    # the Combiner's outputs: with "first colour" and "last pitch" questions mixed, "last pitch"
+    # stayed at chance for 400 steps (learnt in 200 when asked alone); per modality: 0.9 at 300.
+    config.model.combiner_readout = "per_modality"
     # At weight 1 the latent loss (either kind) trains the tiny encoders faster than the answers do
     # and no question got past chance in 600 steps; at 0.1 "first colour" is learnt in 100.
     config.loss.latent_loss_weight = 0.1
-    # ~10 minutes on 2 CPU cores at ~4 steps/s.
-    config.train.update(num_steps=2000, learning_rate=3e-3, warmup_steps=100, log_every=50)
+    # ~10 minutes on 2 CPU cores at ~5 steps/s.
+    config.train.update(num_steps=3000, learning_rate=3e-3, warmup_steps=100, log_every=50)
     config.checkpoint.update(every_steps=250, keep=2)
     config.eval.update(every_steps=1000)
     return configlib.validate(config).lock()

@@ -145,7 +145,7 @@ def check_prepared(provider: seqio.Task | seqio.Mixture, split: str) -> None:
         if not built:
             raise FileNotFoundError(
                 f"task {task.name!r}: TFDS dataset {name!r} is not built in {shown_dir}. Build it with "
-                f"`python -m data.builders build data/builders/{dataset} --config={config}"
+                f"`tfds build data/builders/{dataset} --config={config}"
                 f"{' --data_dir=' + data_dir if data_dir else ''}` (local_media also needs --manual_dir), or point "
                 "config.data.tfds_data_dir at the directory that holds it")
         splits = builder.info.splits

@@ -42,7 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat_policy = "none"
     m.scan_layers = True
     m.dropout_rate = 0.0
+    # Per example and modality, the chance that training hides that whole modality (never all).
+    m.modality_dropout = 0.0
     m.combiner = "transformer"
+    # Transformer Combiner outputs read every modality ("joint") or output j reads modality
+    # j % 2 only ("per_modality"; the media tokens still attend across modalities).
+    m.combiner_readout = "joint"
     m.num_latents = 4  # m: combined tokens per snippet
     m.use_video = True
     m.use_audio = True
@@ -56,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.combiner_transformer = _stack(64, 1, 2, 128)
     m.ttm = ml_collections.ConfigDict(dict(memory_size=8, token_learner_hidden=64))
     m.time_aligned = _stack(64, 1, 2, 128)
+    # Snippets each snippet attends to (itself and the window - 1 before it; 0 = all earlier ones).
+    # A window makes long videos cost linear time and memory; depth L reaches L * window back.
+    m.time_aligned.window = 0
     m.text_decoder = _stack(64, 2, 2, 128)
     m.text_decoder.max_length = 64
 
@@ -197,7 +205,10 @@ RULES: dict[str, Callable] = {
     "model.remat_policy": _one_of(*REMAT_POLICIES),
     "model.scan_layers": _bool,
     "model.dropout_rate": _number(0.0, 1.0),
+    "model.modality_dropout": _number(0.0, 0.5),  # two modalities: each may be the one hidden
     "model.combiner": _one_of("transformer", "ttm"),
+    "model.combiner_readout": _one_of("joint", "per_modality"),
+    "model.time_aligned.window": _nonneg_int,
     "model.num_latents": _pos_int,
     "model.use_video": _bool,
     "model.use_audio": _bool,

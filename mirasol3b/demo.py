@@ -24,15 +24,22 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where everything is writ
 
 
 def build_dataset(config) -> None:
+    """Builds the synthetic_avqa config that `config.data.task` (synthetic_avqa_NAME) reads."""
     import tensorflow_datasets as tfds
 
+    from data import tasks
     from data.builders.synthetic_avqa import synthetic_avqa
 
-    builder = synthetic_avqa.Builder(config="tiny", data_dir=config.data.tfds_data_dir)
+    names = {f"synthetic_avqa_{name}": name for name in tasks.SYNTHETIC_AVQA_CONFIGS}
+    if config.data.task not in names:
+        raise app.UsageError(f"the demo trains on synthetic_avqa: config.data.task must be one of {sorted(names)}, "
+                             f"got {config.data.task!r} (train on other tasks with mirasol3b.main)")
+    name = names[config.data.task]
+    builder = synthetic_avqa.Builder(config=name, data_dir=config.data.tfds_data_dir)
     if builder.is_prepared():
         print(f"dataset: {builder.data_dir} (already built)", flush=True)
         return
-    print(f"dataset: building synthetic_avqa/tiny into {config.data.tfds_data_dir}", flush=True)
+    print(f"dataset: building synthetic_avqa/{name} into {config.data.tfds_data_dir}", flush=True)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
 
 
@@ -88,7 +95,7 @@ def main(argv) -> None:
     line = json.dumps(metrics)
     print(line, flush=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{metrics['split']}_step{step}.json"), "w") as f:
+        with open(os.path.join(workdir, f"eval_{metrics['split']}_step{metrics['step']}.json"), "w") as f:
             f.write(line + "\n")
     example = answer_example_clip(config, workdir)
     print(f"clip: {example['clip']}\nquestion: {example['question']}\n"

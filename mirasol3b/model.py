@@ -19,6 +19,7 @@ from mirasol3b.text_decoder import TextDecoder
 from mirasol3b.time_aligned import TimeAlignedModel
 
 COMBINERS = ("transformer", "ttm")
+MODALITIES = ("video", "audio")
 
 
 def stack_spec(model_config: ml_collections.ConfigDict, name: str) -> TransformerSpec:
@@ -39,6 +40,13 @@ def samples_per_snippet(model_config: ml_collections.ConfigDict) -> int:
         raise ValueError(f"model.video.snippet_frames / model.video.fps * model.audio.sample_rate must be a "
                          f"whole number of samples, got {float(samples)}")
     return int(samples)
+
+
+def tokens_per_snippet(model_config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Encoder tokens per snippet of each modality (whether or not it is used)."""
+    v, a = model_config.video, model_config.audio
+    return {"video": (v.snippet_frames // v.tube_frames) * (v.image_size // v.patch_size) ** 2,
+            "audio": (samples_per_snippet(model_config) // a.hop_length // a.patch_frames) * (a.n_mels // a.patch_mels)}
 
 
 def logmel_spec(model_config: ml_collections.ConfigDict) -> LogMelSpec:
@@ -71,16 +79,20 @@ class Mirasol3B(nn.Module):
                 stack_spec(c, "audio_encoder"), logmel=logmel_spec(c), samples_per_snippet=samples_per_snippet(c),
                 patch_frames=c.audio.patch_frames, patch_mels=c.audio.patch_mels)
         combiner_spec = stack_spec(c, "combiner_transformer")
-        self.fusion = ModalityFusion(combiner_spec.width, dtype=combiner_spec.compute_dtype,
+        self.fusion = ModalityFusion(combiner_spec.width, modality_dropout=c.modality_dropout,
+                                     dtype=combiner_spec.compute_dtype,
                                      param_dtype=combiner_spec.weight_dtype)
         if c.combiner == "transformer":
-            self.combiner = TransformerCombiner(combiner_spec, num_outputs=c.num_latents)
+            segments = None
+            if c.combiner_readout == "per_modality" and c.use_video and c.use_audio:
+                segments = tuple(tokens_per_snippet(c)[name] for name in sorted(MODALITIES))
+            self.combiner = TransformerCombiner(combiner_spec, num_outputs=c.num_latents, segment_sizes=segments)
         elif c.combiner == "ttm":
             self.combiner = TTMCombiner(combiner_spec, num_outputs=c.num_latents, memory_size=c.ttm.memory_size,
                                         token_learner_hidden=c.ttm.token_learner_hidden)
         else:
             raise ValueError(f"model.combiner must be one of {COMBINERS}, got {c.combiner!r}")
-        self.time_aligned = TimeAlignedModel(stack_spec(c, "time_aligned"))
+        self.time_aligned = TimeAlignedModel(stack_spec(c, "time_aligned"), window=c.time_aligned.window)
         self.text_decoder = TextDecoder(stack_spec(c, "text_decoder"), vocab_size=c.vocab_size,
                                         max_length=c.text_decoder.max_length)
 
@@ -101,7 +113,7 @@ class Mirasol3B(nn.Module):
                 raise ValueError(f"audio has {audio.shape[1]} samples; media_mask says {snippets} snippets of "
                                  f"{samples_per_snippet(c)} samples")
             tokens["audio"] = self.audio_encoder(audio, deterministic=not train)
-        latents = self.combiner(self.fusion(tokens), media_mask, deterministic=not train)
+        latents = self.combiner(self.fusion(tokens, deterministic=not train), media_mask, deterministic=not train)
         features, predictions = self.time_aligned(latents, media_mask, deterministic=not train)
         return {
             "latents": latents,

@@ -21,7 +21,7 @@ from flax import linen as nn
 from ml_collections import config_flags
 
 from mirasol3b import configlib
-from mirasol3b.model import Mirasol3B, samples_per_snippet
+from mirasol3b.model import Mirasol3B, samples_per_snippet, tokens_per_snippet
 from mirasol3b.text_decoder import padded_vocab_size
 from mirasol3b.train.optimizer import make_optimizer
 from mirasol3b.train.state import abstract_state, example_batch
@@ -43,13 +43,14 @@ def sequence_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
     m = config.model
     v, a = m.video, m.audio
     mel_frames = samples_per_snippet(m) // a.hop_length
+    tokens = tokens_per_snippet(m)
     sizes = {
         "snippets": config.data.num_frames // v.snippet_frames,
         "frames_per_snippet": v.snippet_frames,
-        "video_tokens": (v.snippet_frames // v.tube_frames) * (v.image_size // v.patch_size) ** 2 if m.use_video else 0,
+        "video_tokens": tokens["video"] if m.use_video else 0,
         "audio_samples": samples_per_snippet(m),
         "mel_frames": mel_frames,
-        "audio_tokens": (mel_frames // a.patch_frames) * (a.n_mels // a.patch_mels) if m.use_audio else 0,
+        "audio_tokens": tokens["audio"] if m.use_audio else 0,
         "latents": m.num_latents,
         "text_length": config.data.text_length,
     }
@@ -82,16 +83,17 @@ def param_counts(params) -> dict[str, int]:
 # ---- analytic FLOPs ---------------------------------------------------------------------------
 
 def _stack_flops(part: ml_collections.ConfigDict, seqs: int, tokens: int, kv_tokens: int = 0,
-                 kv_width: int = 0) -> tuple[int, int, int]:
+                 kv_width: int = 0, self_keys: int = 0) -> tuple[int, int, int]:
     """Forward matmul FLOPs of one TransformerStack over `seqs` sequences, in three parts:
 
     inner projections (QKV, cross-attention's QKV, MLP in), output projections (attention out,
     MLP out) and attention products (scores, values; full-size whatever the mask, as the dense
     attention computes them all). They differ in what a remat'd backward pass recomputes.
+    `self_keys`: keys per query in self-attention when not `tokens` (chunked attention).
     """
     d, f = part.width, part.mlp_dim
     inner, outer = tokens * (3 * d * d + d * f), tokens * (d * d + f * d)
-    attention = 2 * tokens * tokens * d
+    attention = 2 * tokens * (self_keys or tokens) * d
     if kv_tokens:
         inner += tokens * d * d + kv_tokens * 2 * kv_width * d
         outer += tokens * d * d
@@ -161,7 +163,13 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
 
     t = m.time_aligned
     latents = b * s["time_aligned_tokens"]
-    add("time_aligned", 2 * 2 * latents * c.width * t.width, [_stack_flops(t, b, s["time_aligned_tokens"])])
+    snippets = s["snippets"]
+    if 0 < t.window < snippets:  # chunks of `window` snippets against their own and the previous chunk
+        chunk = t.window * m.num_latents
+        stack = _stack_flops(t, b * -(-snippets // t.window), chunk, self_keys=2 * chunk)
+    else:
+        stack = _stack_flops(t, b, s["time_aligned_tokens"])
+    add("time_aligned", 2 * 2 * latents * c.width * t.width, [stack])
 
     d = m.text_decoder
     logits = 2 * b * s["text_length"] * d.width * padded_vocab_size(m.vocab_size)

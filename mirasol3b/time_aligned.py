@@ -15,12 +15,14 @@ class TimeAlignedModel(nn.Module):
     """`latents [batch, snippets, m, latent_width]`, `media_mask [batch, snippets]` ->
     (`features [batch, snippets, m, width]`, `predictions [batch, snippets, m, latent_width]`).
 
-    Tokens of snippet t attend to snippets <= t that hold real media; `predictions[:, t]` is the
-    model's guess of `latents[:, t + 1]`. Snippet positions are sinusoidal, so longer videos add
-    snippets and no parameters.
+    Tokens of snippet t attend to snippets <= t that hold real media (with `window > 0`, only the
+    last `window` of them: attention then costs time and memory linear in the snippets, and deeper
+    layers reach further back); `predictions[:, t]` is the model's guess of `latents[:, t + 1]`.
+    Snippet positions are sinusoidal, so longer videos add snippets and no parameters.
     """
 
     spec: TransformerSpec
+    window: int = 0
 
     @nn.compact
     def __call__(self, latents: jax.Array, media_mask: jax.Array, *, deterministic: bool = True):
@@ -32,11 +34,23 @@ class TimeAlignedModel(nn.Module):
         x = dense(s.width, ("mlp", "embed"), "input_projection")(latents)
         x = LearnedPositions(m, param_dtype=s.weight_dtype, name="token_positions")(x)
         x = x + sinusoidal(jnp.arange(t), s.width)[None, :, None, :].astype(x.dtype)
+        valid = media_mask.astype(bool)
+        chunk = 0
+        if 0 < self.window < t:
+            # Whole chunks of `window` snippets; the padded snippets are masked keys and dropped.
+            padded = -(-t // self.window) * self.window
+            x = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+            valid = jnp.pad(valid, ((0, 0), (0, padded - t)))
+            chunk = self.window * m
         x = einops.rearrange(x, "b t m d -> b (t m) d")
-        token_valid = jnp.repeat(media_mask.astype(bool), m, axis=1)
-        mask = masks.combine(masks.block_causal(t, m), masks.key_padding(token_valid))
-        x = TransformerStack(s, name="transformer")(x, mask, deterministic=deterministic)
-        features = einops.rearrange(x, "b (t m) d -> b t m d", m=m)
+        token_valid = jnp.repeat(valid, m, axis=1)
+        if chunk:
+            mask = masks.combine(masks.chunked_sliding_block_causal(valid.shape[1], m, self.window),
+                                 masks.chunked_key_padding(token_valid, chunk))
+        else:
+            mask = masks.combine(masks.block_causal(t, m), masks.key_padding(token_valid))
+        x = TransformerStack(s, self_attention_chunk=chunk, name="transformer")(x, mask, deterministic=deterministic)
+        features = einops.rearrange(x, "b (t m) d -> b t m d", m=m)[:, :t]
         predictions = dense(latent_width, ("embed", "mlp"), "prediction_head")(features)
         return (nn.with_logical_constraint(features, ("batch", "snippets", "tokens", "embed")),
                 predictions.astype(jnp.float32))

@@ -293,7 +293,7 @@ def test_truncation_is_counted():
 # ---- the built-in tasks ----------------------------------------------------------------------
 
 def test_a_missing_dataset_is_an_error_that_says_how_to_build_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"synthetic_avqa/tiny_smoke.*python -m data\.builders build"):
+    with pytest.raises(FileNotFoundError, match=r"synthetic_avqa/tiny_smoke.*tfds build data/builders/synthetic_avqa"):
         pipeline.make_input_iterator(make_config(task="synthetic_avqa_tiny_smoke", tfds_data_dir=str(tmp_path)))
 
 

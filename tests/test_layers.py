@@ -46,6 +46,19 @@ def test_block_causal_mask():
     np.testing.assert_array_equal(masks.block_causal(5, 1), masks.causal(5))
 
 
+def test_segment_readout_mask():
+    # Segments of 2 and 1 tokens, then 3 readers: reader j reads segment j % 2 and every reader.
+    expected = np.array([[T_, T_, T_, T_, T_, T_],
+                         [T_, T_, T_, T_, T_, T_],
+                         [T_, T_, T_, T_, T_, T_],
+                         [T_, T_, F_, T_, T_, T_],
+                         [F_, F_, T_, T_, T_, T_],
+                         [T_, T_, F_, T_, T_, T_]])
+    m = masks.segment_readout((2, 1), 3)
+    chex.assert_shape(m, (1, 1, 6, 6))
+    np.testing.assert_array_equal(m[0, 0], expected)
+
+
 def test_key_padding_mask():
     valid = jnp.array([[1, 1, 0], [1, 0, 0]])
     m = masks.key_padding(valid)
@@ -77,8 +90,8 @@ def test_combine_masks():
 
 # ---- attention --------------------------------------------------------------------------------
 
-def _attention(dtype=jnp.float32, cross=False):
-    return Attention(num_heads=2, head_dim=8, cross=cross, dtype=dtype)
+def _attention(dtype=jnp.float32, cross=False, chunk=0):
+    return Attention(num_heads=2, head_dim=8, cross=cross, chunk=chunk, dtype=dtype)
 
 
 def _randn(seed, shape, scale=1.0):
@@ -106,6 +119,34 @@ def test_self_attention_masked_key_has_no_effect():
     out2 = apply(x2)
     np.testing.assert_allclose(out2[:, :4], out[:, :4], rtol=0, atol=1e-6)
     assert np.abs(out2[:, 4] - out[:, 4]).max() > 1e-2  # the token itself does change
+
+
+def test_sliding_block_causal_masks_dense_and_chunked_agree():
+    dense = masks.sliding_block_causal(6, 2, 2)[0, 0]
+    # Block 3 (tokens 6, 7) sees blocks 2 and 3 only.
+    np.testing.assert_array_equal(dense[6], [F_] * 4 + [T_] * 4 + [F_] * 4)
+    np.testing.assert_array_equal(masks.sliding_block_causal(6, 2, 6), masks.block_causal(6, 2))
+    chunked = masks.chunked_sliding_block_causal(6, 2, 2)
+    chex.assert_shape(chunked, (1, 3, 1, 4, 8))
+    for c in range(3):  # chunk c holds tokens 4c..4c+3; its keys are tokens 4c-4..4c+3
+        keys = np.arange(4 * c - 4, 4 * c + 4)
+        expected = np.where(keys[None] >= 0, dense[4 * c:4 * c + 4][:, np.clip(keys, 0, None)], False)
+        np.testing.assert_array_equal(chunked[0, c, 0], expected)
+    with pytest.raises(ValueError, match="multiple of window"):
+        masks.chunked_sliding_block_causal(5, 2, 2)
+
+
+def test_chunked_attention_equals_dense_attention_with_the_same_mask():
+    """Chunks of 4 tokens against their own and the previous chunk: the same outputs as dense
+    attention under the equivalent mask, key padding included."""
+    x = _randn(0, (2, 12, 16))
+    valid = jnp.array([[True] * 12, [True] * 9 + [False] * 3])
+    dense_mask = masks.combine(masks.sliding_block_causal(6, 2, 2), masks.key_padding(valid))
+    chunked_mask = masks.combine(masks.chunked_sliding_block_causal(6, 2, 2), masks.chunked_key_padding(valid, 4))
+    _, params = _init(_attention(), x, mask=dense_mask)
+    dense = _attention().apply(params, x, mask=dense_mask)
+    chunked = _attention(chunk=4).apply(params, x, mask=chunked_mask)
+    np.testing.assert_allclose(chunked, dense, rtol=1e-5, atol=1e-6)
 
 
 def test_cross_attention_other_width_and_padded_keys():

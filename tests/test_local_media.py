@@ -5,7 +5,6 @@ uses the "tiny" geometry (8 fps, 2-frame snippets, 32 px), so 1.5 s of video giv
 """
 
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -151,13 +150,11 @@ def test_python_build_skips_and_reports_every_bad_input(media, tmp_path, capsys)
 
 
 def test_tfds_build_command(media, tmp_path):
-    """The same build through TFDS's `build` command, finding the builder from its folder."""
+    """The same build through the `tfds` command (the venv's console script), finding the builder
+    from its folder."""
     manual = _manual_dir(tmp_path, media, MIXED)
     flags = ["data/builders/local_media", "--config=tiny", f"--manual_dir={manual}", f"--data_dir={tmp_path / 'out'}"]
-    if importlib.util.find_spec("apache_beam"):  # the `tfds` entry point imports apache_beam
-        command = [sys.executable, "-m", "tensorflow_datasets.scripts.cli.main", "build", *flags]
-    else:
-        command = [sys.executable, "-c", "from data.builders import tfds_build; tfds_build()", *flags]
+    command = [str(Path(sys.executable).parent / "tfds"), "build", *flags]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -21,7 +21,7 @@ from mirasol3b import configlib, losses, sharding
 from mirasol3b.combiner import ModalityFusion, TransformerCombiner, TTMCombiner
 from mirasol3b.encoders.audio import AudioEncoder
 from mirasol3b.encoders.video import VideoEncoder
-from mirasol3b.model import Mirasol3B, samples_per_snippet
+from mirasol3b.model import Mirasol3B, samples_per_snippet, stack_spec, tokens_per_snippet
 from mirasol3b.text_decoder import TextDecoder
 from mirasol3b.time_aligned import TimeAlignedModel
 from mirasol3b.train import optimizer as optim
@@ -208,6 +208,88 @@ def test_ttm_memory_carries_information_across_snippets():
                 _differ(out["latents"][:, later], base["latents"][:, later])
             else:
                 _close(out["latents"][:, later], base["latents"][:, later])
+
+
+
+@pytest.mark.parametrize("readout", ["joint", "per_modality"])
+def test_combiner_readout_decides_which_modality_each_output_reads(readout):
+    """One Combiner layer: with a per-modality readout, output j changes only when modality j % 2
+    (audio, then video: the fusion's order) changes; with the joint readout every output does."""
+    cfg = make_config(combiner_readout=readout)
+    m = cfg.model
+    sizes = {"audio": 5, "video": 3}
+    assert tokens_per_snippet(m) == {"video": NV, "audio": NA}  # what the model gives the readout mask
+    combiner = TransformerCombiner(
+        stack_spec(m, "combiner_transformer"), num_outputs=4,
+        segment_sizes=(sizes["audio"], sizes["video"]) if readout == "per_modality" else None)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.normal(size=(2, 3, sum(sizes.values()), m.combiner_transformer.width)), jnp.float32)
+    params = combiner.init(jax.random.key(0), tokens)
+    base = combiner.apply(params, tokens)
+    chex.assert_shape(base, (2, 3, 4, m.combiner_transformer.width))
+    for i, (name, lo, hi) in enumerate([("audio", 0, 5), ("video", 5, 8)]):
+        out = combiner.apply(params, tokens.at[:, :, lo:hi].add(jnp.asarray(rng.normal(size=(hi - lo, tokens.shape[-1])),
+                                                                            jnp.float32)))
+        for j in range(4):
+            if readout == "joint" or j % 2 == i:
+                _differ(out[:, :, j], base[:, :, j])
+            else:
+                _close(out[:, :, j], base[:, :, j])
+
+
+def test_time_aligned_window_sees_only_the_last_window_snippets():
+    """Window 2 over 7 snippets (chunks of 2, the last one padded), one layer: snippet t's features
+    change when snippet t or t - 1 changes, and never for earlier or later ones; a window as long
+    as the clip is the full block-causal model, with the same parameters."""
+    cfg = make_config()
+    spec = stack_spec(cfg.model, "time_aligned")
+    m, width, t = 3, cfg.model.combiner_transformer.width, 7
+    rng = np.random.default_rng(0)
+    latents = jnp.asarray(rng.normal(size=(2, t, m, width)), jnp.float32)
+    media_mask = jnp.ones((2, t), bool).at[1, 6].set(False)
+    windowed, full = TimeAlignedModel(spec, window=2), TimeAlignedModel(spec)
+    boxed = jax.eval_shape(full.init, jax.random.key(0), latents, media_mask)["params"]
+    assert jax.tree.map(jnp.shape, jax.eval_shape(windowed.init, jax.random.key(0), latents, media_mask)) == \
+        jax.tree.map(jnp.shape, {"params": boxed})
+    params = numpy_params(boxed)
+    apply = jax.jit(lambda module, x: module.apply({"params": params}, x, media_mask), static_argnums=0)
+    base, predictions = apply(windowed, latents)
+    chex.assert_shape(base, (2, t, m, spec.width))
+    chex.assert_shape(predictions, (2, t, m, width))
+    for changed in range(t):
+        out, _ = apply(windowed, latents.at[:, changed].add(jnp.asarray(rng.normal(size=(m, width)), jnp.float32)))
+        for snippet in range(t):
+            if snippet in (changed, changed + 1):
+                _differ(out[0, snippet], base[0, snippet])
+            else:
+                _close(out[0, snippet], base[0, snippet])
+    for module in (TimeAlignedModel(spec, window=t), TimeAlignedModel(spec, window=9)):
+        np.testing.assert_allclose(apply(module, latents)[0], apply(full, latents)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_modality_dropout_hides_one_whole_modality_per_example_in_training_only():
+    """Each example loses at most one modality, each with the configured rate; a hidden modality's
+    tokens no longer depend on its input; evaluation and single-modality models are untouched."""
+    rate, n = 0.3, 4000
+    fusion = ModalityFusion(8, modality_dropout=rate)
+    rng = np.random.default_rng(0)
+    tokens = {"audio": jnp.asarray(rng.normal(size=(n, 1, 3, 5)), jnp.float32),
+              "video": jnp.asarray(rng.normal(size=(n, 1, 2, 6)), jnp.float32)}
+    params = fusion.init(jax.random.key(0), tokens)
+    train = lambda t: fusion.apply(params, t, deterministic=False, rngs={"dropout": jax.random.key(1)})  # noqa: E731
+    out = train(tokens)
+    changed = {name: tokens[name] + 1.0 for name in tokens}
+    audio_hidden = np.all(np.asarray(train({**tokens, "audio": changed["audio"]})[:, :, :3] == out[:, :, :3]), (1, 2, 3))
+    video_hidden = np.all(np.asarray(train({**tokens, "video": changed["video"]})[:, :, 3:] == out[:, :, 3:]), (1, 2, 3))
+    assert not np.any(audio_hidden & video_hidden)
+    for hidden in (audio_hidden, video_hidden):
+        assert abs(hidden.mean() - rate) < 0.03, hidden.mean()
+    np.testing.assert_array_equal(fusion.apply(params, tokens), ModalityFusion(8).apply(params, tokens))
+    alone = {"video": tokens["video"]}
+    one = ModalityFusion(8, modality_dropout=rate)
+    one_params = one.init(jax.random.key(0), alone)
+    np.testing.assert_array_equal(one.apply(one_params, alone, deterministic=False, rngs={"dropout": jax.random.key(1)}),
+                                  one.apply(one_params, alone))
 
 
 # ---- padding ----------------------------------------------------------------------------------
@@ -445,6 +527,7 @@ BAD_CONFIGS = {
     "unknown_field": (_add_unknown, "model.video.frame_rate"),
     "tube_not_dividing_snippet": (_set("model.video.tube_frames", 3), "model.video.tube_frames"),
     "text_longer_than_decoder": (_set("data.text_length", 97), "data.text_length"),  # max_length is 96
+    "modality_dropout_over_half": (_set("model.modality_dropout", 0.6), "model.modality_dropout"),
 }
 
 

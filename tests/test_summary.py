@@ -112,6 +112,19 @@ def test_train_step_flops_agree_with_analytic_and_grow_with_depth():
     np.testing.assert_allclose(deeper_xla - xla, deeper_analytic - analytic, rtol=0.1)
 
 
+def test_time_aligned_window_saves_the_flops_the_analytic_count_says():
+    """64 snippets: a window of 4 leaves each query 32 keys instead of up to 256."""
+    config = tiny.get_config()
+    config.data.update(num_frames=128, batch_size=8)
+    full_xla, full_analytic = _flops(config)
+    windowed = copy.deepcopy(config)
+    windowed.model.time_aligned.window = 4
+    xla, analytic = _flops(windowed)
+    assert 0.95 < xla / analytic < 1.1
+    assert analytic < full_analytic
+    np.testing.assert_allclose(full_xla - xla, full_analytic - analytic, rtol=0.1)
+
+
 def test_ttm_flops_with_remat_count_the_recompute():
     """Counted as a while loop, the TTM's snippets would count once (ratio ~0.9 here)."""
     config = tiny.get_config("ttm")

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mirasol3b.layers import TransformerSpec, TransformerStack
+from mirasol3b.layers import TransformerSpec, TransformerStack, masks
 from mirasol3b.layers.initializers import embedding_init, logical
 
 
@@ -20,6 +20,9 @@ class TransformerCombiner(nn.Module):
 
     spec: TransformerSpec
     num_outputs: int
+    # Token counts of the modalities, in the order they are concatenated: output j then reads
+    # modality j % n only (the media tokens still attend across modalities). None: outputs read all.
+    segment_sizes: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, media_mask: jax.Array | None = None, *,
@@ -30,6 +33,7 @@ class TransformerCombiner(nn.Module):
                              (self.num_outputs, self.spec.width), self.spec.weight_dtype)
         queries = jnp.broadcast_to(queries.astype(x.dtype), (x.shape[0],) + queries.shape)
         x = jnp.concatenate([x, queries], axis=1)
-        x = TransformerStack(self.spec, name="transformer")(x, deterministic=deterministic)
+        mask = None if self.segment_sizes is None else masks.segment_readout(self.segment_sizes, self.num_outputs)
+        x = TransformerStack(self.spec, name="transformer")(x, mask, deterministic=deterministic)
         x = einops.rearrange(x[:, -self.num_outputs:], "(b n) m d -> b n m d", b=b)
         return nn.with_logical_constraint(x, ("batch", "snippets", "tokens", "embed"))

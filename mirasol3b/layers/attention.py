@@ -11,6 +11,18 @@ from mirasol3b.layers.projection import heads_projection, output_projection
 _QKV_AXES = ("batch", "tokens", "heads", "head_dim")
 
 
+def _chunks(x: jax.Array, chunk: int, previous: bool = False) -> jax.Array:
+    """`[batch, n, heads, dim]` -> `[batch, n / chunk, chunk, ...]`; with `previous`, each chunk is
+    preceded by the one before it (zeros before the first): `[batch, n / chunk, 2 * chunk, ...]`."""
+    b, n = x.shape[:2]
+    if n % chunk:
+        raise ValueError(f"chunked attention: {n} tokens are not a multiple of chunk={chunk}")
+    x = x.reshape(b, n // chunk, chunk, *x.shape[2:])
+    if previous:
+        x = jnp.concatenate([jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))[:, :-1], x], axis=2)
+    return x
+
+
 class Attention(nn.Module):
     """Multi-head dot-product attention.
 
@@ -24,12 +36,17 @@ class Attention(nn.Module):
       initialised with a full-length input.
     - cross-attention (`cross=True`) computes keys/values from `kv` once (when `kv` is given)
       and reads them back on later calls made with `kv=None`: they are never recomputed per token.
+
+    With `chunk > 0` (self-attention, no cache) the queries go in chunks of `chunk` tokens, each
+    attending to its own chunk's keys and the previous chunk's: cost linear in length. `mask` is
+    then `[batch | 1, chunks, 1, chunk, 2 * chunk]` (see `masks.chunked_*`).
     """
 
     num_heads: int
     head_dim: int
     cross: bool = False
     decode: bool = False
+    chunk: int = 0
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -57,6 +74,15 @@ class Attention(nn.Module):
                 var.value, value.astype(var.value.dtype), (0, cache_index, 0, 0))
         return var.value, True
 
+    def _attend(self, q, k, v, mask, deterministic: bool, lead: str = "") -> jax.Array:
+        """Softmax(q k^T) v over the last token axis; `lead` names extra axes after batch."""
+        logits = jnp.einsum(f"b{lead}qhd,b{lead}khd->b{lead}hqk", q, k, preferred_element_type=jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic).astype(self.dtype)
+        return jnp.einsum(f"b{lead}hqk,b{lead}khd->b{lead}qhd", probs, v.astype(self.dtype))
+
     @nn.compact
     def __call__(self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None, *,
                  cache_index: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -73,11 +99,13 @@ class Attention(nn.Module):
 
         # Scale q before the product (smaller numbers in low precision); softmax in float32.
         q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
+        if self.chunk:
+            if self.cross or self.decode:
+                raise ValueError(f"{self.name}: chunked attention is for self-attention without a cache")
+            out = self._attend(_chunks(q, self.chunk), _chunks(k, self.chunk, previous=True),
+                               _chunks(v, self.chunk, previous=True), mask, deterministic, "n")
+            out = out.reshape(q.shape)
+        else:
+            out = self._attend(q, k, v, mask, deterministic)
         out = nn.with_logical_constraint(out, _QKV_AXES)
         return output_projection(x.shape[-1], self.dtype, self.param_dtype, "out")(out)

@@ -20,6 +20,7 @@ class TransformerBlock(nn.Module):
 
     spec: TransformerSpec
     cross_attention: bool = False
+    self_attention_chunk: int = 0  # see `Attention.chunk`
     decode: bool = False
     deterministic: bool = True
 
@@ -28,6 +29,7 @@ class TransformerBlock(nn.Module):
         s = self.spec
         attention = lambda cross, name: Attention(  # noqa: E731
             num_heads=s.num_heads, head_dim=s.heads_dim, cross=cross, decode=self.decode,
+            chunk=0 if cross else self.self_attention_chunk,
             dropout_rate=s.dropout_rate, dtype=s.compute_dtype, param_dtype=s.weight_dtype, name=name)
         norm = lambda name: LayerNorm(dtype=s.compute_dtype, param_dtype=s.weight_dtype, name=name)  # noqa: E731
         dropout = nn.Dropout(s.dropout_rate)

@@ -34,6 +34,47 @@ def block_causal(num_blocks: int, block_size: int) -> jax.Array:
     return (block_id[None, :] <= block_id[:, None])[None, None]
 
 
+def sliding_block_causal(num_blocks: int, block_size: int, window: int) -> jax.Array:
+    """Tokens of block t see every token of blocks t - window < s <= t: `[1, 1, n, n]`.
+
+    The dense form of `chunked_sliding_block_causal` (for reference and short sequences).
+    """
+    block_id = jnp.arange(num_blocks * block_size) // block_size
+    back = block_id[:, None] - block_id[None, :]
+    return ((back >= 0) & (back < window))[None, None]
+
+
+def chunked_sliding_block_causal(num_blocks: int, block_size: int, window: int) -> jax.Array:
+    """`sliding_block_causal` in the layout of `Attention(chunk=window * block_size)`: queries in
+    chunks of `window` blocks, each against its previous chunk's keys and its own.
+    `[1, chunks, 1, chunk, 2 * chunk]`; `num_blocks` must be a multiple of `window`."""
+    if num_blocks % window:
+        raise ValueError(f"num_blocks={num_blocks} is not a multiple of window={window}")
+    chunk, chunks = window * block_size, num_blocks // window
+    query = jnp.arange(chunks)[:, None] * chunk + jnp.arange(chunk)[None]  # [chunks, chunk] token ids
+    key = (jnp.arange(chunks)[:, None] - 1) * chunk + jnp.arange(2 * chunk)[None]  # [chunks, 2 * chunk]
+    back = query[:, :, None] // block_size - key[:, None, :] // block_size
+    return ((key[:, None, :] >= 0) & (back >= 0) & (back < window))[None, :, None]
+
+
+def chunked_key_padding(key_valid: jax.Array, chunk: int) -> jax.Array:
+    """`key_padding` in the chunked layout: `[batch, keys]` -> `[batch, chunks, 1, 1, 2 * chunk]`."""
+    b, n = key_valid.shape
+    valid = key_valid.astype(bool).reshape(b, n // chunk, chunk)
+    previous = jnp.pad(valid, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+    return jnp.concatenate([previous, valid], axis=-1)[:, :, None, None, :]
+
+
+def segment_readout(segment_sizes: tuple[int, ...], num_readers: int) -> jax.Array:
+    """Tokens laid out as `[segment 0, ..., segment n-1, readers]`: reader j sees the tokens of
+    segment `j % n` and every reader; segment tokens see everything. `[1, 1, k, k]`."""
+    segment = jnp.concatenate([jnp.full((size,), i) for i, size in enumerate(segment_sizes)]
+                              + [jnp.full((num_readers,), -1)])
+    reads = jnp.concatenate([jnp.full((sum(segment_sizes),), -1), jnp.arange(num_readers) % len(segment_sizes)])
+    ok = (reads[:, None] < 0) | (segment[None, :] < 0) | (segment[None, :] == reads[:, None])
+    return ok[None, None]
+
+
 def key_padding(key_valid: jax.Array) -> jax.Array:
     """Masks out invalid keys: `[batch, keys]` -> `[batch, 1, 1, keys]`.
 

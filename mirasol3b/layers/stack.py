@@ -23,6 +23,7 @@ class TransformerStack(nn.Module):
 
     spec: TransformerSpec
     cross_attention: bool = False
+    self_attention_chunk: int = 0  # see `Attention.chunk`; the mask is then in its chunked layout
 
     @nn.compact
     def __call__(self, x: jax.Array, mask=None, kv=None, kv_mask=None, cache_index=None, *,
@@ -33,7 +34,8 @@ class TransformerStack(nn.Module):
         if policy_name != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[policy_name], prevent_cse=not s.scan_layers)
         # The mode flags become block fields (not scanned arguments): scan and remat see arrays only.
-        fields = dict(spec=s, cross_attention=self.cross_attention, decode=decode,
+        fields = dict(spec=s, cross_attention=self.cross_attention, self_attention_chunk=self.self_attention_chunk,
+                      decode=decode,
                       deterministic=deterministic)
         if s.scan_layers:
             scanned = nn.scan(

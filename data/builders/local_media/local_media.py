@@ -79,8 +79,6 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
 
     Build (always name a config; without one `tfds build` builds every config):
         tfds build data/builders/local_media --config=tiny --manual_dir=MEDIA --data_dir=OUT
-    where the `tfds` command needs apache_beam (tensorflow-datasets 4.9.10), the same arguments after
-        python -c "from data.builders import tfds_build; tfds_build()"
     or from Python: `Builder(config="tiny", data_dir=OUT).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=MEDIA))`.
 

@@ -36,7 +36,7 @@ from data.spec import MediaSpec, example_features
 # because `tfds build` may run where `configs` is not importable.
 GEOMETRIES = {"tiny": dict(fps=8.0, num_frames=8, snippet_frames=2, image_size=32, sample_rate=16_000)}
 # (train, validation, test) examples per config.
-SPLIT_SIZES = {"tiny": (2000, 300, 300), "tiny_smoke": (40, 10, 10)}
+SPLIT_SIZES = {"tiny": (6000, 300, 300), "tiny_smoke": (40, 10, 10)}
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,8 +101,7 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
     """Generated clips of two coloured shapes and two tones with a question each (`data/synthetic.py`
     lists the templates and the answer set), in the schema of `data/spec.py`.
 
-    Build: `tfds build data/builders/synthetic_avqa --config=tiny --data_dir=OUT` (or
-    `data.builders.tfds_build`, see its docstring), or from Python
+    Build: `tfds build data/builders/synthetic_avqa --config=tiny --data_dir=OUT`, or from Python
     `Builder(config="tiny", data_dir=OUT).download_and_prepare()`. A custom size or seed:
     `--config='{"name": "mine", "train_size": 500, "seed": 1}'` or `Builder(config=SyntheticAvqaConfig(...))`.
     """

@@ -1,0 +1,49 @@
+"""`python -m mirasol3b.demo` end to end on the smoke-sized synthetic_avqa: build, train, evaluate,
+answer; a second run trains nothing and reports the same evaluation from the checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = ["--config=configs/tiny.py", "--config.data.task=synthetic_avqa_tiny_smoke", "--config.data.batch_size=8",
+         "--config.train.num_steps=2", "--config.train.warmup_steps=1", "--config.checkpoint.every_steps=2",
+         "--config.eval.every_steps=0"]
+
+
+def _demo(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mirasol3b.demo", *FLAGS, *extra, f"--workdir={workdir}"],
+                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=400)
+
+
+def _result(stdout: str) -> dict:
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith('{"step"')))
+
+
+def test_demo_builds_trains_evaluates_answers_and_a_second_run_reuses_it(tmp_path):
+    workdir = tmp_path / "demo"
+    first = _demo(workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "dataset: building synthetic_avqa/tiny_smoke" in first.stdout
+    result = _result(first.stdout)
+    assert result["step"] == 2 and result["split"] == "validation" and result["num_examples"] == 10
+    assert 0.0 <= result["exact_match"] <= 1.0
+    saved = json.loads((workdir / "eval_validation_step2.json").read_text())
+    assert saved == result
+    assert (workdir / "example_clip.mp4").stat().st_size > 0
+    lines = first.stdout.splitlines()
+    question = next(line for line in lines if line.startswith("question: "))
+    assert question.endswith("?") and any(line.startswith("answer: ") and "(reference: " in line for line in lines)
+
+    second = _demo(workdir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "(already built)" in second.stdout
+    assert _result(second.stdout) == result  # restored from the step-2 checkpoint, nothing retrained
+
+
+def test_demo_refuses_a_task_it_cannot_build(tmp_path):
+    done = _demo(tmp_path / "demo", "--config.data.task=qa_tiny")
+    assert done.returncode != 0
+    assert "config.data.task must be one of ['synthetic_avqa_tiny', 'synthetic_avqa_tiny_smoke']" in done.stderr

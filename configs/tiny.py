@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
     # and no question got past chance in 600 steps; at 0.1 "first colour" is learnt in 100.
     config.loss.latent_loss_weight = 0.1
     # ~10 minutes on 2 CPU cores at ~5 steps/s.
-    config.train.update(num_steps=3000, learning_rate=3e-3, warmup_steps=100, log_every=50)
+    config.train.update(num_steps=2500, learning_rate=3e-3, warmup_steps=100, log_every=50)
     config.checkpoint.update(every_steps=250, keep=2)
     config.eval.update(every_steps=1000)
     return configlib.validate(config).lock()

@@ -4,7 +4,7 @@ Each example is drawn by `data/synthetic.py`, encoded to a real h264/aac mp4 (`d
 decoded back with `data/media.py`, the decode path of users' files, so the demo runs the real
 pipeline: frame-rate conversion, resizing, audio resampling and codec loss included. A clip is
 `num_frames / fps` seconds (1 s at the tiny geometry: 4 snippets); runs of clips share one file
-(see `_Maker`). The "tiny" config builds 2600 examples in ~90 s on 2 busy cores.
+(see `_Maker`). The "tiny" config builds 2600 examples in ~1 minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from data.spec import MediaSpec, example_features
 # because `tfds build` may run where `configs` is not importable.
 GEOMETRIES = {"tiny": dict(fps=8.0, num_frames=8, snippet_frames=2, image_size=32, sample_rate=16_000)}
 # (train, validation, test) examples per config.
-SPLIT_SIZES = {"tiny": (6000, 300, 300), "tiny_smoke": (40, 10, 10)}
+SPLIT_SIZES = {"tiny": (2000, 300, 300), "tiny_smoke": (40, 10, 10)}
 
 
 @dataclasses.dataclass(eq=False)

@@ -267,6 +267,8 @@ def test_remat_policy_does_not_change_outputs_or_gradients():
 @pytest.mark.parametrize("variant", [None, "ttm"])
 def test_every_parameter_has_logical_axis_names(variant):
     cfg = tiny.get_config(variant).model
+    with cfg.unlocked():
+        cfg.scan_layers = True  # and the scanned layout's leading 'layers' axis has a rule too
     t = 2
     batch = {
         "video": jax.ShapeDtypeStruct((2, t * cfg.video.snippet_frames, cfg.video.image_size,

@@ -432,10 +432,9 @@ def _sharding_setup():
 
 
 def test_train_step_lowers_loss_on_sharded_mesh():
-    cfg, model, batch, _ = _sharding_setup()
-    with cfg.unlocked():
-        cfg.model.scan_layers = True  # the scanned layout: kernels carry a leading 'layers' axis
+    cfg = make_config(scan_layers=True)  # the scanned layout: kernels carry a leading 'layers' axis
     model = Mirasol3B(cfg.model)
+    batch = make_batch(cfg.model, TRAIN_BATCH, seed=5)
     mesh = sharding.make_mesh((2, 2, 2))
     optimizer = optim.make_optimizer(cfg.train)
     state, shardings = train_state.create_sharded_state(model, optimizer, batch, mesh, jax.random.key(0))

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from mirasol3b import configlib
 from mirasol3b.model import Mirasol3B, samples_per_snippet, tokens_per_snippet
 from mirasol3b.text_decoder import padded_vocab_size
+from mirasol3b.time_aligned import windowed_snippets
 from mirasol3b.train.optimizer import make_optimizer
 from mirasol3b.train.state import abstract_state, example_batch
 from mirasol3b.train.step import make_train_step
@@ -163,10 +164,10 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
 
     t = m.time_aligned
     latents = b * s["time_aligned_tokens"]
-    snippets = s["snippets"]
-    if 0 < t.window < snippets:  # chunks of `window` snippets against their own and the previous chunk
+    padded = windowed_snippets(s["snippets"], t.window)
+    if padded:  # chunks of `window` snippets against their own and the previous chunk
         chunk = t.window * m.num_latents
-        stack = _stack_flops(t, b * -(-snippets // t.window), chunk, self_keys=2 * chunk)
+        stack = _stack_flops(t, b * padded // t.window, chunk, self_keys=2 * chunk)
     else:
         stack = _stack_flops(t, b, s["time_aligned_tokens"])
     add("time_aligned", 2 * 2 * latents * c.width * t.width, [stack])

@@ -11,6 +11,12 @@ from mirasol3b.layers import LearnedPositions, TransformerSpec, TransformerStack
 from mirasol3b.layers.initializers import default_kernel_init, logical
 
 
+def windowed_snippets(snippets: int, window: int) -> int:
+    """Snippets the windowed (chunked) attention runs over, padded to whole windows; 0 when the
+    window does not apply (off, or at least as long as the clip) and attention is dense."""
+    return -(-snippets // window) * window if 0 < window < snippets else 0
+
+
 class TimeAlignedModel(nn.Module):
     """`latents [batch, snippets, m, latent_width]`, `media_mask [batch, snippets]` ->
     (`features [batch, snippets, m, width]`, `predictions [batch, snippets, m, latent_width]`).
@@ -36,9 +42,9 @@ class TimeAlignedModel(nn.Module):
         x = x + sinusoidal(jnp.arange(t), s.width)[None, :, None, :].astype(x.dtype)
         valid = media_mask.astype(bool)
         chunk = 0
-        if 0 < self.window < t:
+        padded = windowed_snippets(t, self.window)
+        if padded:
             # Whole chunks of `window` snippets; the padded snippets are masked keys and dropped.
-            padded = -(-t // self.window) * self.window
             x = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
             valid = jnp.pad(valid, ((0, 0), (0, padded - t)))
             chunk = self.window * m

@@ -6,21 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mirasol3b.layers import masks
 from mirasol3b.layers.projection import heads_projection, output_projection
 
 _QKV_AXES = ("batch", "tokens", "heads", "head_dim")
-
-
-def _chunks(x: jax.Array, chunk: int, previous: bool = False) -> jax.Array:
-    """`[batch, n, heads, dim]` -> `[batch, n / chunk, chunk, ...]`; with `previous`, each chunk is
-    preceded by the one before it (zeros before the first): `[batch, n / chunk, 2 * chunk, ...]`."""
-    b, n = x.shape[:2]
-    if n % chunk:
-        raise ValueError(f"chunked attention: {n} tokens are not a multiple of chunk={chunk}")
-    x = x.reshape(b, n // chunk, chunk, *x.shape[2:])
-    if previous:
-        x = jnp.concatenate([jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))[:, :-1], x], axis=2)
-    return x
 
 
 class Attention(nn.Module):
@@ -102,8 +91,8 @@ class Attention(nn.Module):
         if self.chunk:
             if self.cross or self.decode:
                 raise ValueError(f"{self.name}: chunked attention is for self-attention without a cache")
-            out = self._attend(_chunks(q, self.chunk), _chunks(k, self.chunk, previous=True),
-                               _chunks(v, self.chunk, previous=True), mask, deterministic, "n")
+            out = self._attend(masks.chunked(q, self.chunk), masks.chunked(k, self.chunk, previous=True),
+                               masks.chunked(v, self.chunk, previous=True), mask, deterministic, "n")
             out = out.reshape(q.shape)
         else:
             out = self._attend(q, k, v, mask, deterministic)

@@ -44,6 +44,19 @@ def sliding_block_causal(num_blocks: int, block_size: int, window: int) -> jax.A
     return ((back >= 0) & (back < window))[None, None]
 
 
+def chunked(x: jax.Array, chunk: int, previous: bool = False) -> jax.Array:
+    """The chunked layout of `Attention(chunk=...)`: `[batch, n, ...]` -> `[batch, n / chunk, chunk, ...]`;
+    with `previous` (keys), each chunk is preceded by the one before it (zeros, or False, before the
+    first): `[batch, n / chunk, 2 * chunk, ...]`."""
+    b, n = x.shape[:2]
+    if n % chunk:
+        raise ValueError(f"chunked attention: {n} tokens are not a multiple of chunk={chunk}")
+    x = x.reshape(b, n // chunk, chunk, *x.shape[2:])
+    if previous:
+        x = jnp.concatenate([jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))[:, :-1], x], axis=2)
+    return x
+
+
 def chunked_sliding_block_causal(num_blocks: int, block_size: int, window: int) -> jax.Array:
     """`sliding_block_causal` in the layout of `Attention(chunk=window * block_size)`: queries in
     chunks of `window` blocks, each against its previous chunk's keys and its own.
@@ -59,10 +72,7 @@ def chunked_sliding_block_causal(num_blocks: int, block_size: int, window: int) 
 
 def chunked_key_padding(key_valid: jax.Array, chunk: int) -> jax.Array:
     """`key_padding` in the chunked layout: `[batch, keys]` -> `[batch, chunks, 1, 1, 2 * chunk]`."""
-    b, n = key_valid.shape
-    valid = key_valid.astype(bool).reshape(b, n // chunk, chunk)
-    previous = jnp.pad(valid, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-    return jnp.concatenate([previous, valid], axis=-1)[:, :, None, None, :]
+    return chunked(key_valid.astype(bool), chunk, previous=True)[:, :, None, None, :]
 
 
 def segment_readout(segment_sizes: tuple[int, ...], num_readers: int) -> jax.Array:

@@ -35,8 +35,7 @@ class TransformerStack(nn.Module):
             block = nn.remat(block, policy=REMAT_POLICIES[policy_name], prevent_cse=not s.scan_layers)
         # The mode flags become block fields (not scanned arguments): scan and remat see arrays only.
         fields = dict(spec=s, cross_attention=self.cross_attention, self_attention_chunk=self.self_attention_chunk,
-                      decode=decode,
-                      deterministic=deterministic)
+                      decode=decode, deterministic=deterministic)
         if s.scan_layers:
             scanned = nn.scan(
                 block,

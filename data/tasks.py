@@ -32,7 +32,7 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_SHUFFLE_BUFFER = 256
 
 # (TFDS name with version, task name) of every built-in source. The versions are the builders'.
-SYNTHETIC_AVQA_VERSION = "1.0.0"
+SYNTHETIC_AVQA_VERSION = "1.1.0"
 SYNTHETIC_AVQA_CONFIGS = ("tiny", "tiny_smoke")
 LOCAL_MEDIA_VERSION = "1.0.0"
 LOCAL_MEDIA_GEOMETRIES = ("tiny", "base")

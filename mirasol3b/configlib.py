@@ -70,7 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     # latent_loss: "contrastive" (InfoNCE over the batch) or "mse" (see mirasol3b/losses.py for why
     # contrastive is the default); normalize_latent_target applies to "mse" only.
     c.loss = ml_collections.ConfigDict(dict(latent_loss_weight=1.0, latent_loss="contrastive",
-                                            latent_temperature=0.1, normalize_latent_target=True))
+                                            latent_temperature=0.1, normalize_latent_target=True,
+                                            # InfoNCE negatives: "examples" (other clips, same snippet)
+                                            # or "snippets" (also the clip's other snippets).
+                                            latent_negatives="examples"))
 
     c.data = ml_collections.ConfigDict(dict(
         num_frames=8, text_length=32, batch_size=8,
@@ -236,6 +239,7 @@ RULES: dict[str, Callable] = {
     "loss.normalize_latent_target": _bool,
     "loss.latent_loss": _one_of("contrastive", "mse"),
     "loss.latent_temperature": _number(0.0, lo_open=True),
+    "loss.latent_negatives": _one_of("examples", "snippets"),
     "data.num_frames": _pos_int,
     "data.text_length": _pos_int,
     "data.batch_size": _pos_int,

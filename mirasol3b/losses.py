@@ -12,6 +12,7 @@ Two latent losses (`config.loss.latent_loss`):
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 import optax
@@ -48,37 +49,50 @@ def latent_loss(latents: jax.Array, predictions: jax.Array, media_mask: jax.Arra
 
 
 def contrastive_latent_loss(latents: jax.Array, predictions: jax.Array, media_mask: jax.Array, *,
-                            temperature: float = 0.1) -> jax.Array:
-    """InfoNCE of `predictions[b, t, j]` against `latents[:, t + 1, j]` over the batch.
+                            temperature: float = 0.1, negatives: str = "examples") -> jax.Array:
+    """InfoNCE of `predictions[b, t, j]` against `latents[b, t + 1, j]`, per token slot j.
 
-    The positive is example b's own next latent; the negatives are the other examples' latents
-    at the same snippet and token slot. Pairs (t, t+1) without real media on both sides are
-    neither scored nor used as negatives. Shapes: `[batch, snippets, m, width]`, mask `[batch, snippets]`.
+    `negatives`: "examples" = the other examples' latents at the same snippet; "snippets" = also
+    every other snippet of every example, the clip's own included. With "examples", anything
+    constant over a clip (a background, a voice) identifies the next latent, and the encoders can
+    settle on it; with "snippets" the prediction must also tell snippet t+1 from the clip's other
+    snippets, so what changes over time counts. It costs (batch * snippets)^2 similarities per slot.
+    Pairs (t, t+1) without real media on both sides are neither scored nor used as negatives.
+    Shapes: `[batch, snippets, m, width]`, mask `[batch, snippets]`.
     """
+    if negatives not in LATENT_NEGATIVES:
+        raise ValueError(f"negatives must be one of {LATENT_NEGATIVES}, got {negatives!r}")
     unit = lambda x: x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-6)  # noqa: E731
     target = unit(latents[:, 1:].astype(jnp.float32))
     pred = unit(predictions[:, :-1].astype(jnp.float32))
-    logits = jnp.einsum("btjd,ctjd->tjbc", pred, target) / temperature  # [t-1, m, batch, batch]
     valid = jnp.logical_and(media_mask[:, :-1], media_mask[:, 1:])  # [b, t-1]
-    key_valid = valid.T[:, None, None, :]
-    logits = jnp.where(key_valid, logits, jnp.finfo(jnp.float32).min)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.diagonal(log_probs, axis1=-2, axis2=-1)  # [t-1, m, b]
-    weight = valid.T[:, None, :].astype(jnp.float32)
-    return (nll * weight).sum() / jnp.maximum(weight.sum() * nll.shape[1], 1.0)
+    # Candidates per group: [group, m, candidates, width], each prediction's positive on the diagonal.
+    if negatives == "examples":
+        grouped = lambda x: einops.rearrange(x, "b t j d -> t j b d")  # noqa: E731
+        valid = einops.rearrange(valid, "b t -> t 1 b")
+    else:
+        grouped = lambda x: einops.rearrange(x, "b t j d -> 1 j (b t) d")  # noqa: E731
+        valid = einops.rearrange(valid, "b t -> 1 1 (b t)")
+    logits = jnp.einsum("gjnd,gjkd->gjnk", grouped(pred), grouped(target)) / temperature
+    logits = jnp.where(valid[..., None, :], logits, jnp.finfo(jnp.float32).min)
+    nll = -jnp.diagonal(jax.nn.log_softmax(logits, axis=-1), axis1=-2, axis2=-1)  # [group, m, n]
+    weight = jnp.broadcast_to(valid, nll.shape).astype(jnp.float32)
+    return (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
 LATENT_LOSSES = ("contrastive", "mse")
+LATENT_NEGATIVES = ("examples", "snippets")
 
 
 def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], *, latent_loss_weight: float,
                  latent_loss_type: str = "contrastive", latent_temperature: float = 0.1,
+                 latent_negatives: str = "examples",
                  normalize_latent_target: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar loss and metrics (`loss`, `text_loss`, `latent_loss`, `token_accuracy`, `scored_tokens`)."""
     t_loss, metrics = text_loss(outputs["logits"], batch["text_targets"], batch["text_loss_weights"])
     if latent_loss_type == "contrastive":
         l_loss = contrastive_latent_loss(outputs["latents"], outputs["predictions"], batch["media_mask"],
-                                         temperature=latent_temperature)
+                                         temperature=latent_temperature, negatives=latent_negatives)
     elif latent_loss_type == "mse":
         l_loss = latent_loss(outputs["latents"], outputs["predictions"], batch["media_mask"],
                              normalize_target=normalize_latent_target)

@@ -368,6 +368,45 @@ def test_contrastive_latent_loss_rewards_the_right_next_snippet_and_ignores_padd
     assert float(jnp.abs(g[:, 1:]).min()) > 0.0
 
 
+def _infonce_reference(latents, predictions, mask, temperature):
+    """Brute-force "snippets" InfoNCE: every valid (example, snippet) pair's target is a candidate."""
+    unit = lambda x: x / np.sqrt((x**2).sum(-1, keepdims=True) + 1e-6)  # noqa: E731
+    b, t, m, _ = latents.shape
+    pairs = [(i, s) for i in range(b) for s in range(t - 1) if mask[i, s] and mask[i, s + 1]]
+    total = []
+    for j in range(m):
+        for i, s in pairs:
+            logits = np.array([unit(predictions[i, s, j]) @ unit(latents[k, r + 1, j]) for k, r in pairs]) / temperature
+            own = pairs.index((i, s))
+            total.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[own])
+    return np.mean(total)
+
+
+def test_contrastive_snippet_negatives_defeat_clip_constant_latents():
+    rng = np.random.default_rng(5)
+    b, t, m, d = 5, 4, 2, 64
+    constant = np.repeat(rng.normal(size=(b, 1, m, d)), t, axis=1)  # the same latents all clip long
+    moving = rng.normal(size=(b, t, m, d))  # a different latent every snippet
+    mask = np.ones((b, t), bool)
+    loss = lambda lat, negatives, m=mask: float(losses.contrastive_latent_loss(  # noqa: E731
+        jnp.asarray(lat, jnp.float32), jnp.asarray(np.roll(lat, -1, axis=1), jnp.float32), jnp.asarray(m),
+        temperature=0.05, negatives=negatives))
+    # Other clips as the only negatives: a clip-constant code scores as well as real content.
+    assert loss(constant, "examples") < 0.01 and loss(moving, "examples") < 0.01
+    # With the clip's other snippets as negatives it cannot tell its t-1 targets apart.
+    np.testing.assert_allclose(loss(constant, "snippets"), np.log(t - 1), rtol=1e-3)
+    assert loss(moving, "snippets") < 0.01
+    # Against a brute-force count, with a padded snippet (neither scored nor a negative).
+    padded = mask.copy()
+    padded[1, 2] = False
+    lat, pred = rng.normal(size=(b, t, m, 8)), rng.normal(size=(b, t, m, 8))
+    got = losses.contrastive_latent_loss(jnp.asarray(lat, jnp.float32), jnp.asarray(pred, jnp.float32),
+                                         jnp.asarray(padded), temperature=0.3, negatives="snippets")
+    np.testing.assert_allclose(float(got), _infonce_reference(lat, pred, padded, 0.3), rtol=1e-4)
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        losses.contrastive_latent_loss(jnp.asarray(lat), jnp.asarray(pred), jnp.asarray(mask), negatives="clips")
+
+
 def test_text_loss_counts_only_weighted_tokens():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)

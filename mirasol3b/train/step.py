@@ -20,6 +20,7 @@ def make_loss_fn(model: nn.Module, loss_config: ml_collections.ConfigDict) -> Ca
         return losses.compute_loss(outputs, batch, latent_loss_weight=loss_config.latent_loss_weight,
                                    latent_loss_type=loss_config.latent_loss,
                                    latent_temperature=loss_config.latent_temperature,
+                                   latent_negatives=loss_config.latent_negatives,
                                    normalize_latent_target=loss_config.normalize_latent_target)
     return loss_fn
 

@@ -35,7 +35,9 @@ VARIANTS = {"transformer": None, "ttm": "ttm"}
 
 def make_config(variant: str | None = None, **model_changes):
     cfg = tiny.get_config(variant)
-    cfg.model.text_decoder.depth = 1
+    # One layer per stack where the tests reason about reach (window, readout) and for compile time.
+    for stack in ("text_decoder", "combiner_transformer", "time_aligned"):
+        cfg.model[stack].depth = 1
     for key, value in model_changes.items():
         cfg.model[key] = value
     return configlib.validate(cfg)

@@ -62,7 +62,7 @@ def one_device(config, batch: int, depth_divisor: int = 1) -> ml_collections.Con
     c = copy.deepcopy(config)
     c.mesh_shape = (1, 1, 1)
     c.data.batch_size = batch
-    for s in common.STACKS:
+    for s in configlib.STACKS:
         c.model[s].depth = max(1, c.model[s].depth // depth_divisor)
     return configlib.validate(c)
 

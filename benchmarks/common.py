@@ -36,7 +36,6 @@ from mirasol3b.train.state import create_sharded_state  # noqa: E402
 from mirasol3b.train.step import make_train_step  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-STACKS = ("video_encoder", "audio_encoder", "combiner_transformer", "time_aligned", "text_decoder")
 
 
 # ---- configs ------------------------------------------------------------------------------------
@@ -71,7 +70,7 @@ def peer_scale_config(dft: str = "fft", overrides: dict | None = None) -> ml_col
                    image_size=p["image_size"], tube_frames=p["tube_frames"], patch_size=p["patch_size"])
     m.audio.update(sample_rate=rate, hop_length=hop, n_mels=p["n_mels"], patch_frames=p["patch_frames"],
                    patch_mels=p["patch_mels"], dft=dft)
-    for s in STACKS:
+    for s in configlib.STACKS:
         m[s].update(width=p["width"], depth=p["depth"], num_heads=p["num_heads"], mlp_dim=p["mlp_dim"])
     m.text_decoder.max_length = p["text_max_length"]
     c.data.update(num_frames=p["num_frames"], text_length=p["text_length"], batch_size=p["batch_size"])

@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from mirasol3b.layers.spec import DTYPES, REMAT_POLICIES
+from mirasol3b.losses import LATENT_LOSSES, LATENT_NEGATIVES
 
 
 class ConfigError(ValueError):
@@ -197,7 +198,7 @@ def _mesh_shape(v) -> str | None:
 
 
 _STACK_FIELDS = {"width": _pos_int, "depth": _pos_int, "num_heads": _pos_int, "mlp_dim": _pos_int}
-_STACKS = ("video_encoder", "audio_encoder", "combiner_transformer", "time_aligned", "text_decoder")
+STACKS = ("video_encoder", "audio_encoder", "combiner_transformer", "time_aligned", "text_decoder")
 
 RULES: dict[str, Callable] = {
     "seed": _nonneg_int,
@@ -234,12 +235,12 @@ RULES: dict[str, Callable] = {
     "model.ttm.memory_size": _pos_int,
     "model.ttm.token_learner_hidden": _pos_int,
     "model.text_decoder.max_length": _pos_int,
-    **{f"model.{s}.{f}": check for s in _STACKS for f, check in _STACK_FIELDS.items()},
+    **{f"model.{s}.{f}": check for s in STACKS for f, check in _STACK_FIELDS.items()},
     "loss.latent_loss_weight": _number(0.0),
     "loss.normalize_latent_target": _bool,
-    "loss.latent_loss": _one_of("contrastive", "mse"),
+    "loss.latent_loss": _one_of(*LATENT_LOSSES),
     "loss.latent_temperature": _number(0.0, lo_open=True),
-    "loss.latent_negatives": _one_of("examples", "snippets"),
+    "loss.latent_negatives": _one_of(*LATENT_NEGATIVES),
     "data.num_frames": _pos_int,
     "data.text_length": _pos_int,
     "data.batch_size": _pos_int,
@@ -328,7 +329,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     nyquist = a.sample_rate / 2
     _require(a.fmax is None or a.fmax <= nyquist, "model.audio.fmax", f"<= sample_rate / 2 ({nyquist})", a.fmax)
     _require(a.fmax is None or a.fmin < a.fmax, "model.audio.fmin", f"< model.audio.fmax ({a.fmax})", a.fmin)
-    for s in _STACKS:
+    for s in STACKS:
         _require(m[s].width % m[s].num_heads == 0, f"model.{s}.num_heads",
                  f"a divisor of model.{s}.width ({m[s].width})", m[s].num_heads)
         _require(m[s].width % 2 == 0 or s != "time_aligned", f"model.{s}.width", "an even number", m[s].width)

@@ -48,7 +48,7 @@ def small_config(**model_changes):
     audio (its spectrogram costs a third of the compile time and nothing here depends on it)."""
     cfg = tiny.get_config()
     cfg.model.use_audio = False
-    for stack in configlib._STACKS:
+    for stack in configlib.STACKS:
         cfg.model[stack].width, cfg.model[stack].depth, cfg.model[stack].mlp_dim = 32, 1, 64
     cfg.model.ttm.token_learner_hidden = 32
     cfg.model.video.image_size = 16

@@ -36,7 +36,7 @@ CORRECT = {0, 3, 4, 6}
 
 def make_config(**eval_fields):
     cfg = tiny.get_config()
-    for stack in configlib._STACKS:  # compile time
+    for stack in configlib.STACKS:  # compile time
         cfg.model[stack].update(width=32, depth=1, num_heads=2, mlp_dim=64)
     cfg.model.ttm.token_learner_hidden = 32
     cfg.data.update(task=TASK, batch_size=4)

@@ -79,7 +79,7 @@ def fake_bucket(tmp_path, monkeypatch):
 def _config(num_steps: int):
     cfg = tiny.get_config()
     cfg.model.use_audio = False  # its spectrogram is a third of the compile time; nothing here needs it
-    for stack in configlib._STACKS:
+    for stack in configlib.STACKS:
         cfg.model[stack].update(width=32, depth=1, num_heads=2, mlp_dim=64)
     cfg.model.ttm.token_learner_hidden = 32
     cfg.model.video.image_size = 16

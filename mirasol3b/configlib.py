@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.audio = ml_collections.ConfigDict(dict(
         sample_rate=16000, n_fft=400, win_length=400, hop_length=160, n_mels=32, fmin=0.0, fmax=8000.0,
         top_db=80.0, patch_frames=5, patch_mels=8,
+        mean_db=-45.0, std_db=40.0,  # the log-mel is fed as (dB - mean_db) / std_db
         dft="matmul"))  # the STFT as "matmul" (TPU/GPU) or "fft" (cheaper on CPU)
     m.video_encoder = _stack(64, 1, 2, 128)
     m.audio_encoder = _stack(64, 1, 2, 128)
@@ -232,6 +233,8 @@ RULES: dict[str, Callable] = {
     "model.audio.dft": _one_of("matmul", "fft"),
     "model.audio.patch_frames": _pos_int,
     "model.audio.patch_mels": _pos_int,
+    "model.audio.mean_db": _number(),
+    "model.audio.std_db": _number(0.0, lo_open=True),
     "model.ttm.memory_size": _pos_int,
     "model.ttm.token_learner_hidden": _pos_int,
     "model.text_decoder.max_length": _pos_int,

@@ -77,7 +77,8 @@ class Mirasol3B(nn.Module):
         if c.use_audio:
             self.audio_encoder = AudioEncoder(
                 stack_spec(c, "audio_encoder"), logmel=logmel_spec(c), samples_per_snippet=samples_per_snippet(c),
-                patch_frames=c.audio.patch_frames, patch_mels=c.audio.patch_mels)
+                patch_frames=c.audio.patch_frames, patch_mels=c.audio.patch_mels,
+                mean_db=c.audio.mean_db, std_db=c.audio.std_db)
         combiner_spec = stack_spec(c, "combiner_transformer")
         self.fusion = ModalityFusion(combiner_spec.width, modality_dropout=c.modality_dropout,
                                      dtype=combiner_spec.compute_dtype,

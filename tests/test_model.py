@@ -20,8 +20,9 @@ from configs import tiny
 from mirasol3b import configlib, losses, sharding
 from mirasol3b.combiner import ModalityFusion, TransformerCombiner, TTMCombiner
 from mirasol3b.encoders.audio import AudioEncoder
+from mirasol3b.encoders.spectrogram import log_mel_spectrogram
 from mirasol3b.encoders.video import VideoEncoder
-from mirasol3b.model import Mirasol3B, samples_per_snippet, stack_spec, tokens_per_snippet
+from mirasol3b.model import Mirasol3B, logmel_spec, samples_per_snippet, stack_spec, tokens_per_snippet
 from mirasol3b.text_decoder import TextDecoder
 from mirasol3b.time_aligned import TimeAlignedModel
 from mirasol3b.train import optimizer as optim
@@ -292,6 +293,30 @@ def test_modality_dropout_hides_one_whole_modality_per_example_in_training_only(
     one_params = one.init(jax.random.key(0), alone)
     np.testing.assert_array_equal(one.apply(one_params, alone, deterministic=False, rngs={"dropout": jax.random.key(1)}),
                                   one.apply(one_params, alone))
+
+
+def test_audio_encoder_feeds_the_log_mel_standardised_by_mean_db_and_std_db():
+    """The patch projection sees (dB - mean_db) / std_db: an encoder with the defaults equals one
+    fed raw dB (0, 1) whose projection absorbs the standardisation; the default centres the
+    demo's faint noise floor near 0 instead of leaving a shared -1.1 offset in every patch."""
+    cfg = make_config()
+    a = cfg.model.audio
+    encoder = lambda mean, std: AudioEncoder(  # noqa: E731
+        stack_spec(cfg.model, "audio_encoder"), logmel=logmel_spec(cfg.model),
+        samples_per_snippet=samples_per_snippet(cfg.model), patch_frames=a.patch_frames,
+        patch_mels=a.patch_mels, mean_db=mean, std_db=std)
+    audio = make_batch(cfg.model)["audio"]
+    standardised = encoder(a.mean_db, a.std_db)
+    params = nn.unbox(standardised.init(jax.random.key(0), audio))
+    proj = params["params"]["patch_embedding"]["projection"]
+    raw = {"params": {**params["params"], "patch_embedding": {**params["params"]["patch_embedding"], "projection": {
+        "kernel": proj["kernel"] / a.std_db,
+        "bias": proj["bias"] - a.mean_db / a.std_db * proj["kernel"].sum(0)}}}}
+    np.testing.assert_allclose(np.asarray(encoder(0.0, 1.0).apply(raw, audio)),
+                               np.asarray(standardised.apply(params, audio)), rtol=2e-4, atol=2e-4)
+    noise = np.random.default_rng(0).normal(0.0, 0.003, (1, samples_per_snippet(cfg.model))).astype(np.float32)
+    floor = (np.asarray(log_mel_spectrogram(jnp.asarray(noise), logmel_spec(cfg.model))) - a.mean_db) / a.std_db
+    assert abs(floor.mean()) < 0.1, floor.mean()
 
 
 # ---- padding ----------------------------------------------------------------------------------

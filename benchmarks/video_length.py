@@ -6,6 +6,10 @@
 a longer clip only adds snippets; for both Combiners (`model.combiner` = transformer | ttm). The
 time-aligned model attends over a window of `--window` snippets (`model.time_aligned.window`,
 default 16 = 32 frames; 0 = every earlier snippet, whose attention grows with the square of the length).
+The latent loss's negatives are the other clips at the same snippet (`--latent-negatives examples`,
+the library default): `configs/tiny.py`'s "snippets" scores (batch x snippets)^2 pairs, a loss
+choice whose cost grows with the square of the length (at batch 8 it makes 512 frames 4.3x the
+FLOPs of 128 instead of 3.9x).
 Every length's step is compiled once, then the steps are timed in turn (32, 64, ..., 512, 32, ...)
 so that all lengths see the same machine. Memory is the compiled step's `memory_analysis()`:
 arguments + outputs - donated aliases + temporaries.
@@ -34,6 +38,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="clips per step (tiny.py trains with 32)")
     parser.add_argument("--window", type=int, default=16, help="model.time_aligned.window (0: full attention)")
+    parser.add_argument("--latent-negatives", default="examples", choices=("examples", "snippets"),
+                        help="loss.latent_negatives (snippets: quadratic in length, see above)")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--summary", help="append the checks as JSON lines here (run_all.py)")
     args = parser.parse_args()
@@ -48,7 +54,8 @@ def main() -> None:
             # Scanned: with scan_layers=False (tiny.py's CPU choice) the TTM also unrolls its snippets,
             # and 256 unrolled snippets take many minutes to compile.
             cfg = common.tiny_config({"model.combiner": combiner, "data.num_frames": n, "model.scan_layers": True,
-                                      "data.batch_size": args.batch, "model.time_aligned.window": args.window})
+                                      "data.batch_size": args.batch, "model.time_aligned.window": args.window,
+                                      "loss.latent_negatives": args.latent_negatives})
             steps[combiner, n] = step = common.TrainStep(cfg)
             print(f"{combiner:>11} {n:4d} frames ({n // cfg.model.video.snippet_frames} snippets): "
                   f"{step.num_params:,} params, compiled in {step.compile_seconds:.0f} s", flush=True)
@@ -82,7 +89,7 @@ def main() -> None:
                        f"{min(params):,}" + ("" if len(params) == 1 else " (DIFFER)"))
     print()
     print(f"tiny model (scanned layers), batch {args.batch}, f32, snippets of 2 frames, time-aligned window "
-          f"{args.window}; "
+          f"{args.window}, latent negatives {args.latent_negatives}; "
           f"{rounds} timed rounds after 1 warm-up "
           "(median); x128 = relative to 128 frames")
     print(common.table(["combiner", "frames", "snippets", "params", "ms/step", "x128", "peak MiB", "x128"], rows))
@@ -90,7 +97,8 @@ def main() -> None:
     for v in verdicts:
         print("  " + v)
     if not args.no_write:
-        common.write_row("video_length", f"batch {args.batch}, window {args.window}; " + "; ".join(figures), machine)
+        common.write_row("video_length", f"batch {args.batch}, window {args.window}, latent negatives "
+                         f"{args.latent_negatives}; " + "; ".join(figures), machine)
     common.write_summary(args.summary, "video_length", checks)
 
 

@@ -27,6 +27,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from mirasol3b.losses import LATENT_NEGATIVES  # noqa: E402
+
 FRAMES = (32, 64, 128, 256, 512)
 COMBINERS = ("transformer", "ttm")
 TARGET = 4.5
@@ -38,7 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="clips per step (tiny.py trains with 32)")
     parser.add_argument("--window", type=int, default=16, help="model.time_aligned.window (0: full attention)")
-    parser.add_argument("--latent-negatives", default="examples", choices=("examples", "snippets"),
+    parser.add_argument("--latent-negatives", default="examples", choices=LATENT_NEGATIVES,
                         help="loss.latent_negatives (snippets: quadratic in length, see above)")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--summary", help="append the checks as JSON lines here (run_all.py)")

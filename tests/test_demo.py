@@ -14,7 +14,8 @@ FLAGS = ["--config=configs/tiny.py", "--config.data.task=synthetic_avqa_tiny_smo
          "--config.train.num_steps=2", "--config.train.warmup_steps=1", "--config.checkpoint.every_steps=2",
          "--config.eval.every_steps=0", "--config.model.text_decoder.depth=1",
          # Narrower stacks: the test is about the demo's flow, and compiling is most of its time.
-         *(f"--config.model.{stack}.{field}={value}" for stack in configlib.STACKS for field, value in (("width", 32), ("mlp_dim", 64))),
+         *(f"--config.model.{stack}.{field}={value}"
+           for stack in configlib.STACKS for field, value in (("width", 32), ("mlp_dim", 64))),
          "--config.model.ttm.token_learner_hidden=32"]
 
 

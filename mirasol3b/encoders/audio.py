@@ -29,8 +29,8 @@ class AudioEncoder(nn.Module):
     # clips (a faint noise floor near -45 dB; tones +0.2 in 2 of 32 bins), and the audio path was
     # learnt late or not at all. Centred, the demo's "last pitch" questions are at 100% by step
     # 1000 (51% uncentred) and the demo reaches 94% (82.7%).
-    mean_db: float = -45.0
-    std_db: float = 40.0
+    mean_db: float  # model.audio.mean_db / std_db hold the defaults
+    std_db: float
 
     @property
     def frames_per_snippet(self) -> int:

@@ -203,7 +203,21 @@ def machine() -> str:
     cpus = len(os.sched_getaffinity(0))
     load = os.getloadavg()[0]
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-    return f"{model}, {cpus} CPUs (load {load:.1f} at start), jax {jax.__version__} on {devices}"
+    return f"{model}, {cpus} CPUs (load {load:.1f} at start), jax {jax.__version__} on {devices}, {allocator()}"
+
+
+def allocator() -> str:
+    """Which malloc this process (and the peer's worker, which inherits the environment) runs on.
+
+    It matters on CPU: glibc hands buffers over 32 MiB back to the kernel when freed, so XLA's
+    per-step temporaries are page-faulted and zeroed again every step (step_profile.py counts the
+    faults); a preloaded allocator that keeps freed memory (jemalloc with decay off) does not.
+    """
+    preload = os.path.basename(os.environ.get("LD_PRELOAD", "").split(":")[0])
+    if not preload:
+        return "system malloc"
+    conf = os.environ.get("MALLOC_CONF", "")
+    return f"LD_PRELOAD={preload}" + (f" MALLOC_CONF={conf}" if conf and "jemalloc" in preload else "")
 
 
 def command_line() -> str:

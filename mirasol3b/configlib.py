@@ -75,7 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
                                             latent_temperature=0.1, normalize_latent_target=True,
                                             # InfoNCE negatives: "examples" (other clips, same snippet)
                                             # or "snippets" (also the clip's other snippets).
-                                            latent_negatives="examples"))
+                                            latent_negatives="examples",
+                                            # > 0: the latent weight falls to 0 on a cosine over
+                                            # this many steps (train/step.py says why); 0: constant.
+                                            latent_loss_decay_steps=0))
 
     c.data = ml_collections.ConfigDict(dict(
         num_frames=8, text_length=32, batch_size=8,
@@ -244,6 +247,7 @@ RULES: dict[str, Callable] = {
     "loss.latent_loss": _one_of(*LATENT_LOSSES),
     "loss.latent_temperature": _number(0.0, lo_open=True),
     "loss.latent_negatives": _one_of(*LATENT_NEGATIVES),
+    "loss.latent_loss_decay_steps": _nonneg_int,
     "data.num_frames": _pos_int,
     "data.text_length": _pos_int,
     "data.batch_size": _pos_int,

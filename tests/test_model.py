@@ -7,6 +7,7 @@ forward per combiner serves every perturbation test.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import chex
@@ -642,3 +643,24 @@ def test_every_config_leaf_is_validated(variant):
         del cfg.train["log_every"]
     with pytest.raises(configlib.ConfigError, match=r"config\.train\.log_every"):
         configlib.validate(cfg)
+
+
+def test_latent_loss_decay_steps_take_the_latent_term_from_full_weight_to_zero_on_a_cosine():
+    cfg, model, batch, boxed = _sharding_setup()
+    params = numpy_params(boxed, seed=7)
+    loss_config = copy.deepcopy(cfg.loss)  # the setup is shared: leave its config alone
+    weight, decay = 0.5, 100
+    loss_config.latent_loss_weight = weight
+    loss_config.latent_loss_decay_steps = decay
+    fn = jax.jit(train_step.make_loss_fn(model, loss_config))
+    for step, expected in ((0, weight), (decay // 4, weight * 0.5 * (1 + np.cos(np.pi / 4))),
+                           (decay // 2, weight / 2), (decay, 0.0), (3 * decay, 0.0)):
+        loss, metrics = fn(params, batch, jax.random.key(0), step)
+        np.testing.assert_allclose(metrics["latent_loss_weight"], expected, atol=1e-7)
+        np.testing.assert_allclose(loss, metrics["text_loss"] + expected * metrics["latent_loss"], rtol=1e-6)
+    assert metrics["latent_loss"] > 0  # the term is there to drop: 0 x a positive loss
+    # Off (the default): the weight is constant and no schedule metric is logged.
+    loss_config.latent_loss_decay_steps = 0
+    loss, metrics = jax.jit(train_step.make_loss_fn(model, loss_config))(params, batch, jax.random.key(0), 10**6)
+    np.testing.assert_allclose(loss, metrics["text_loss"] + weight * metrics["latent_loss"], rtol=1e-6)
+    assert "latent_loss_weight" not in metrics

@@ -55,8 +55,7 @@ def peer_scale_config(dft: str = "fft", overrides: dict | None = None) -> ml_col
     """Our model at the peer's configuration (see PEER_SCALE).
 
     The spectrogram: 16 kHz, hop 160 -> 16 frames a snippet = 2560 samples = 0.16 s for 2 frames,
-    so fps = 12.5. Our heads are width // num_heads = 48 wide (the config has no head_dim field);
-    the peer's are 64.
+    so fps = 12.5. Heads are 8 x 64, as the peer's: attention is 512 wide inside a width of 384.
     """
     p = PEER_SCALE
     c = configlib.base_config()
@@ -71,7 +70,8 @@ def peer_scale_config(dft: str = "fft", overrides: dict | None = None) -> ml_col
     m.audio.update(sample_rate=rate, hop_length=hop, n_mels=p["n_mels"], patch_frames=p["patch_frames"],
                    patch_mels=p["patch_mels"], dft=dft)
     for s in configlib.STACKS:
-        m[s].update(width=p["width"], depth=p["depth"], num_heads=p["num_heads"], mlp_dim=p["mlp_dim"])
+        m[s].update(width=p["width"], depth=p["depth"], num_heads=p["num_heads"], head_dim=p["head_dim"],
+                    mlp_dim=p["mlp_dim"])
     m.text_decoder.max_length = p["text_max_length"]
     c.data.update(num_frames=p["num_frames"], text_length=p["text_length"], batch_size=p["batch_size"])
     return configlib.validate(override(c, overrides or {}))

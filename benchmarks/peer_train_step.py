@@ -159,14 +159,14 @@ def pick_dft(config) -> tuple[str, dict[str, float]]:
 # ---- main ---------------------------------------------------------------------------------------
 
 DIFFERENCES = """\
-What differs at this configuration (same widths, depths, token grids, text, batch):
+What differs at this configuration (same widths, depths, 8 heads of 64, token grids, text, batch):
   - the peer reconstructs the next snippet's pixels and spectrogram through linear heads from the
     3 x 384 flattened latents (video 1152 -> 2*64*64*3 = {recon_video:,} params, audio {recon_audio:,}),
     with cosine losses; we predict the next snippet's latents (a 384 -> 384 head, InfoNCE loss).
   - the peer adds 8 register tokens to every clip in each encoder (video 24, audio 12 tokens a
     snippet; ours 16 and 4), one memory key/value in the time-aligned model and decoder, rotary
-    positions, and random key masks (a/v 0.15, text 0.1); its attention is 8 x 64 = 512 wide,
-    ours 8 x 48 = 384 (our config has no head_dim field: heads are width // num_heads).
+    positions, and random key masks (a/v 0.15, text 0.1); our Combiner appends its 3 learned
+    output tokens to the snippet's 20 (23 a sequence), the peer keeps the last 3 of the 20.
   - the peer takes the spectrogram; we compute the log-mel from the waveform in the step.
 """
 

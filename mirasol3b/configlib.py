@@ -25,8 +25,10 @@ class ConfigError(ValueError):
         self.field = field
 
 
-def _stack(width: int, depth: int, num_heads: int, mlp_dim: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim))
+def _stack(width: int, depth: int, num_heads: int, mlp_dim: int, head_dim: int = 0) -> ml_collections.ConfigDict:
+    """`head_dim` 0: width // num_heads (which must then divide)."""
+    return ml_collections.ConfigDict(dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                                          head_dim=head_dim))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -201,7 +203,8 @@ def _mesh_shape(v) -> str | None:
     return None if ok else "3 positive integers for ('data', 'fsdp', 'tensor'), at most one -1"
 
 
-_STACK_FIELDS = {"width": _pos_int, "depth": _pos_int, "num_heads": _pos_int, "mlp_dim": _pos_int}
+_STACK_FIELDS = {"width": _pos_int, "depth": _pos_int, "num_heads": _pos_int, "mlp_dim": _pos_int,
+                 "head_dim": _nonneg_int}
 STACKS = ("video_encoder", "audio_encoder", "combiner_transformer", "time_aligned", "text_decoder")
 
 RULES: dict[str, Callable] = {
@@ -337,8 +340,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(a.fmax is None or a.fmax <= nyquist, "model.audio.fmax", f"<= sample_rate / 2 ({nyquist})", a.fmax)
     _require(a.fmax is None or a.fmin < a.fmax, "model.audio.fmin", f"< model.audio.fmax ({a.fmax})", a.fmin)
     for s in STACKS:
-        _require(m[s].width % m[s].num_heads == 0, f"model.{s}.num_heads",
-                 f"a divisor of model.{s}.width ({m[s].width})", m[s].num_heads)
+        _require(m[s].head_dim or m[s].width % m[s].num_heads == 0, f"model.{s}.num_heads",
+                 f"a divisor of model.{s}.width ({m[s].width}) when model.{s}.head_dim is 0", m[s].num_heads)
         _require(m[s].width % 2 == 0 or s != "time_aligned", f"model.{s}.width", "an even number", m[s].width)
     _require(config.data.text_length <= m.text_decoder.max_length, "data.text_length",
              f"<= model.text_decoder.max_length ({m.text_decoder.max_length})", config.data.text_length)

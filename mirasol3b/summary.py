@@ -93,12 +93,13 @@ def _stack_flops(part: ml_collections.ConfigDict, seqs: int, tokens: int, kv_tok
     `self_keys`: keys per query in self-attention when not `tokens` (chunked attention).
     """
     d, f = part.width, part.mlp_dim
-    inner, outer = tokens * (3 * d * d + d * f), tokens * (d * d + f * d)
-    attention = 2 * tokens * (self_keys or tokens) * d
+    a = part.num_heads * (part.get("head_dim", 0) or d // part.num_heads)  # attention's inner width
+    inner, outer = tokens * (3 * d * a + d * f), tokens * (a * d + f * d)
+    attention = 2 * tokens * (self_keys or tokens) * a
     if kv_tokens:
-        inner += tokens * d * d + kv_tokens * 2 * kv_width * d
-        outer += tokens * d * d
-        attention += 2 * tokens * kv_tokens * d
+        inner += tokens * d * a + kv_tokens * 2 * kv_width * a
+        outer += tokens * a * d
+        attention += 2 * tokens * kv_tokens * a
     return tuple(2 * seqs * part.depth * x for x in (inner, outer, attention))
 
 

@@ -585,6 +585,7 @@ def _add_unknown(cfg):
 
 BAD_CONFIGS = {
     "heads_not_dividing_width": (_set("model.video_encoder.num_heads", 3), "model.video_encoder.num_heads"),
+    "negative_head_dim": (_set("model.text_decoder.head_dim", -8), "model.text_decoder.head_dim"),
     "frames_not_multiple_of_snippet": (_set("data.num_frames", 7), "data.num_frames"),
     "unknown_combiner": (_set("model.combiner", "perceiver"), "model.combiner"),
     "fractional_audio_samples": (_set("model.video.fps", 3.0), "model.video.fps"),

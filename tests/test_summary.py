@@ -14,7 +14,7 @@ import pytest
 from flax import linen as nn
 
 from configs import long_video, mirasol3b, tiny
-from mirasol3b import summary
+from mirasol3b import configlib, summary
 from mirasol3b.model import Mirasol3B
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +110,22 @@ def test_train_step_flops_agree_with_analytic_and_grow_with_depth():
     deeper_xla, deeper_analytic = _flops(deeper)
     # Elementwise ops are not in the analytic count; at width 64 they are a few % of the step.
     np.testing.assert_allclose(deeper_xla - xla, deeper_analytic - analytic, rtol=0.1)
+
+
+def test_head_dim_sets_attention_width_apart_from_the_stack_width():
+    """3 heads of 32 in stacks 64 wide: heads need not divide the width once head_dim is set."""
+    config = tiny.get_config()
+    for stack in configlib.STACKS:
+        config.model[stack].update(num_heads=3, head_dim=32)
+    configlib.validate(config)
+    xla, analytic = _flops(config)
+    assert 0.95 < xla / analytic < 1.1
+    base_xla, base_analytic = _flops(tiny.get_config())  # 4 heads of 16
+    np.testing.assert_allclose(xla - base_xla, analytic - base_analytic, rtol=0.1)
+    params = summary._state(config)[2].params
+    attention = params["text_decoder"]["transformer"]["layers_0"]["self_attention"]
+    assert attention["query"]["kernel"].shape == (64, 3, 32)
+    assert attention["out"]["kernel"].shape == (3, 32, 64)
 
 
 def test_time_aligned_window_saves_the_flops_the_analytic_count_says():

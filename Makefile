@@ -15,27 +15,30 @@ $(STAMP): setup.py requirements.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m mirasol3b.demo --config=configs/tiny.py --workdir=runs/demo
+# CPU jobs run on jemalloc where this machine has it (mirasol3b/allocator.py says why): Debian's
+# libjemalloc2, installed by `make jemalloc` when apt-get is root's to run. ALLOCATOR=system: glibc's.
+ALLOCATOR ?= auto
+ON_ALLOCATOR := $(PY) -m mirasol3b.allocator --allocator $(ALLOCATOR) --
+WANT_JEMALLOC := $(if $(filter system,$(ALLOCATOR)),,jemalloc)
+
+demo: $(STAMP) $(WANT_JEMALLOC)
+	TF_CPP_MIN_LOG_LEVEL=2 $(ON_ALLOCATOR) $(PY) -m mirasol3b.demo --config=configs/tiny.py --workdir=runs/demo
 
 # One pytest worker per core; a file stays on one worker so its module fixtures compile once.
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # Speed and memory on this CPU (benchmarks/README.md); appends rows to benchmarks/RESULTS.md.
-# They run on jemalloc (benchmarks/README.md, "The allocator"): Debian's libjemalloc2, installed
-# here when apt-get is ours to run. ALLOCATOR=system runs them on glibc's malloc instead.
-ALLOCATOR ?= auto
-bench: $(STAMP) $(if $(filter system,$(ALLOCATOR)),,jemalloc)
+bench: $(STAMP) $(WANT_JEMALLOC)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/run_all.py --allocator $(ALLOCATOR)
 
 jemalloc: $(STAMP)
-	@$(PY) -c 'import sys; sys.path[:0] = ["benchmarks"]; import run_all; sys.exit(not run_all.find_jemalloc())' \
+	@$(PY) -m mirasol3b.allocator --find \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	       && { echo "installing Debian's libjemalloc2 for the benchmarks"; \
+	       && { echo "installing Debian's libjemalloc2 (mirasol3b/allocator.py says why)"; \
 	            export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq libjemalloc2 >/dev/null \
 	            || { apt-get update -qq && apt-get install -y -qq libjemalloc2 >/dev/null; }; }; } \
-	  || echo "no jemalloc (needs root and apt-get to install): the benchmarks run on the system malloc"
+	  || echo "no jemalloc (not installed; apt-get needs root to install it): demo and benchmarks run on the system malloc"
 
 clean:
 	rm -rf runs/demo

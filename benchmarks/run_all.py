@@ -12,7 +12,8 @@ run here: it needs a GPU or TPU.
 The benchmarks run on jemalloc when this machine has it (`--allocator auto`, the default): glibc
 hands freed buffers over 32 MiB back to the kernel, so XLA's per-step temporaries are page-faulted
 and zeroed again every step, a cost that swings with the neighbours' load on a shared machine
-(benchmarks/README.md, "The allocator"). Both sides of every comparison get the same allocator.
+(benchmarks/README.md, "The allocator"; mirasol3b/allocator.py). Both sides of every comparison get
+the same allocator.
 """
 
 from __future__ import annotations
@@ -26,43 +27,17 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repo's mirasol3b, also when not installed
+from mirasol3b.allocator import CHOICES, allocator_env  # noqa: E402  (no jax import)
+
 BENCHMARKS = ("peer_train_step.py", "video_length.py", "decode.py", "step_profile.py")
-# Freed memory is kept (decay off), so a step's temporaries are reused rather than faulted in again.
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-                "/usr/local/lib")
-INSTALL_HINT = "install it with `apt-get install libjemalloc2` (Debian/Ubuntu) or pass --allocator system"
-
-
-def find_jemalloc(dirs=LIBRARY_DIRS) -> str | None:
-    for d in dirs:
-        for name in ("libjemalloc.so.2", "libjemalloc.so"):
-            if os.path.isfile(os.path.join(d, name)):
-                return os.path.join(d, name)
-    return None
-
-
-def allocator_env(choice: str, env: dict, dirs=LIBRARY_DIRS) -> tuple[dict, str]:
-    """(environment for the benchmark processes, what to print about the allocator).
-
-    An `LD_PRELOAD` already set is the caller's choice and kept as it is.
-    """
-    if choice == "system" or env.get("LD_PRELOAD"):
-        return dict(env), f"allocator: {env['LD_PRELOAD'] if env.get('LD_PRELOAD') else 'system malloc'}"
-    path = find_jemalloc(dirs)
-    if path is None:
-        if choice == "jemalloc":
-            raise SystemExit(f"--allocator jemalloc: no libjemalloc.so.2 in {', '.join(dirs)}; {INSTALL_HINT}")
-        return dict(env), (f"allocator: system malloc (no jemalloc found; {INSTALL_HINT}; "
-                           "without it the long-video step's time swings with the machine's load)")
-    return dict(env, LD_PRELOAD=path, MALLOC_CONF=JEMALLOC_CONF), f"allocator: {path} (MALLOC_CONF={JEMALLOC_CONF})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
-    parser.add_argument("--allocator", choices=("auto", "jemalloc", "system"), default="auto",
+    parser.add_argument("--allocator", choices=CHOICES, default="auto",
                         help="malloc for the benchmarks: jemalloc if found (auto), jemalloc or fail, glibc's")
     args = parser.parse_args()
     extra = (["--quick"] if args.quick else []) + (["--no-write"] if args.no_write else [])

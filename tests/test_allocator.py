@@ -1,12 +1,12 @@
-"""benchmarks/run_all.py (`make bench`) picks the malloc every benchmark process runs on."""
+"""mirasol3b/allocator.py picks the malloc `make demo` and every `make bench` process run on."""
 
 import os
+import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from run_all import JEMALLOC_CONF, allocator_env, find_jemalloc  # noqa: E402
+from mirasol3b.allocator import JEMALLOC_CONF, allocator_env, find_jemalloc
 
 
 @pytest.fixture
@@ -40,3 +40,17 @@ def test_system_and_a_preload_already_set_are_left_alone(lib_dirs):
     assert allocator_env("system", {"A": "1"}, (with_lib,)) == ({"A": "1"}, "allocator: system malloc")
     env, said = allocator_env("auto", {"LD_PRELOAD": "/x/libtcmalloc.so.4"}, (with_lib,))
     assert env == {"LD_PRELOAD": "/x/libtcmalloc.so.4"} and "libtcmalloc" in said
+
+
+def test_the_command_runs_with_the_environment_chosen():
+    show = [sys.executable, "-c", "import os; print(os.environ.get('LD_PRELOAD', '-'), os.environ.get('X'))"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mirasol3b.allocator", *a], env=dict(env, X="kept"),  # noqa: E731
+                                    capture_output=True, text=True, check=True)
+    out = run("--allocator", "system", "--", *show)
+    assert out.stdout.split() == ["-", "kept"] and "allocator: system malloc" in out.stderr
+    out = run("--", *show)  # auto: jemalloc where this machine has it
+    found = find_jemalloc()
+    assert out.stdout.split() == [found or "-", "kept"]
+    with pytest.raises(subprocess.CalledProcessError):
+        run("--allocator", "system")  # no command

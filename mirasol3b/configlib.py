@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Transformer Combiner outputs read every modality ("joint") or output j reads modality
     # j % 2 only ("per_modality"; the media tokens still attend across modalities).
     m.combiner_readout = "joint"
+    # The Transformer Combiner's last layer computes its m outputs only (the same values; ~70% less
+    # work in that layer). False: every token through every layer, then the last m are kept.
+    m.combiner_outputs_only = True
     m.num_latents = 4  # m: combined tokens per snippet
     m.use_video = True
     m.use_audio = True
@@ -219,6 +222,7 @@ RULES: dict[str, Callable] = {
     "model.modality_dropout": _number(0.0, 0.5),  # two modalities: each may be the one hidden
     "model.combiner": _one_of("transformer", "ttm"),
     "model.combiner_readout": _one_of("joint", "per_modality"),
+    "model.combiner_outputs_only": _bool,
     "model.time_aligned.window": _nonneg_int,
     "model.num_latents": _pos_int,
     "model.use_video": _bool,

@@ -87,7 +87,8 @@ class Mirasol3B(nn.Module):
             segments = None
             if c.combiner_readout == "per_modality" and c.use_video and c.use_audio:
                 segments = tuple(tokens_per_snippet(c)[name] for name in sorted(MODALITIES))
-            self.combiner = TransformerCombiner(combiner_spec, num_outputs=c.num_latents, segment_sizes=segments)
+            self.combiner = TransformerCombiner(combiner_spec, num_outputs=c.num_latents, segment_sizes=segments,
+                                                outputs_only=c.get("combiner_outputs_only", False))
         elif c.combiner == "ttm":
             self.combiner = TTMCombiner(combiner_spec, num_outputs=c.num_latents, memory_size=c.ttm.memory_size,
                                         token_learner_hidden=c.ttm.token_learner_hidden)

@@ -84,23 +84,31 @@ def param_counts(params) -> dict[str, int]:
 # ---- analytic FLOPs ---------------------------------------------------------------------------
 
 def _stack_flops(part: ml_collections.ConfigDict, seqs: int, tokens: int, kv_tokens: int = 0,
-                 kv_width: int = 0, self_keys: int = 0) -> tuple[int, int, int]:
+                 kv_width: int = 0, self_keys: int = 0, keep_last: int = 0) -> tuple[int, int, int]:
     """Forward matmul FLOPs of one TransformerStack over `seqs` sequences, in three parts:
 
     inner projections (QKV, cross-attention's QKV, MLP in), output projections (attention out,
     MLP out) and attention products (scores, values; full-size whatever the mask, as the dense
     attention computes them all). They differ in what a remat'd backward pass recomputes.
     `self_keys`: keys per query in self-attention when not `tokens` (chunked attention).
+    `keep_last`: the last layer computes only that many tokens (`TransformerStack.keep_last`).
     """
     d, f = part.width, part.mlp_dim
     a = part.num_heads * (part.get("head_dim", 0) or d // part.num_heads)  # attention's inner width
-    inner, outer = tokens * (3 * d * a + d * f), tokens * (a * d + f * d)
-    attention = 2 * tokens * (self_keys or tokens) * a
-    if kv_tokens:
-        inner += tokens * d * a + kv_tokens * 2 * kv_width * a
-        outer += tokens * a * d
-        attention += 2 * tokens * kv_tokens * a
-    return tuple(2 * seqs * part.depth * x for x in (inner, outer, attention))
+
+    def layer(queries: int) -> tuple[int, int, int]:
+        inner = queries * (d * a + d * f) + tokens * 2 * d * a  # keys and values of every token
+        outer = queries * (a * d + f * d)
+        attention = 2 * queries * (self_keys or tokens) * a
+        if kv_tokens:
+            inner += queries * d * a + kv_tokens * 2 * kv_width * a
+            outer += queries * a * d
+            attention += 2 * queries * kv_tokens * a
+        return inner, outer, attention
+
+    full = layer(tokens)
+    last = layer(keep_last) if keep_last else full
+    return tuple(2 * seqs * ((part.depth - 1) * x + y) for x, y in zip(full, last))
 
 
 def _token_learner_flops(seqs: int, tokens: int, width: int, hidden: int, outputs: int) -> int:
@@ -156,7 +164,8 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
     fusion = 2 * clips * c.width * (s["video_tokens"] * m.video_encoder.width * m.use_video
                                     + s["audio_tokens"] * m.audio_encoder.width * m.use_audio)
     if m.combiner == "transformer":
-        add("combiner", fusion, [_stack_flops(c, clips, s["combiner_sequence"])])
+        keep = m.num_latents if m.get("combiner_outputs_only", False) else 0
+        add("combiner", fusion, [_stack_flops(c, clips, s["combiner_sequence"], keep_last=keep)])
     else:
         memory, hidden = m.ttm.memory_size, m.ttm.token_learner_hidden
         read = _token_learner_flops(clips, s["combiner_sequence"], c.width, hidden, m.num_latents)

@@ -237,6 +237,44 @@ def test_scanned_stack_equals_unrolled_stack():
     np.testing.assert_allclose(out_scanned, out_unrolled, rtol=1e-5, atol=1e-5)
 
 
+def test_keep_last_computes_exactly_the_full_stacks_last_tokens():
+    """The Combiner's stack: its last layer computes only the kept tokens, which still attend to all."""
+    x, mask, kv, kv_mask = _stack_inputs()
+    mask = jnp.broadcast_to(mask, (2, 1, 5, 5)).at[1, 0, 4, 0].set(False)  # a row that differs per example
+    keep = 2
+    full = TransformerStack(_SPEC.replace(scan_layers=False), cross_attention=True)
+    kept = TransformerStack(_SPEC.replace(scan_layers=False), cross_attention=True, keep_last=keep)
+    params = _init(full, x, mask, kv, kv_mask, seed=3)[1]["params"]
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        params, nn.unbox(jax.eval_shape(kept.init, jax.random.key(3), x, mask, kv, kv_mask))["params"])
+
+    def loss(module, p, x):  # a loss on the kept tokens, so the gradients must agree too
+        out = module.apply({"params": p}, x, mask, kv, kv_mask)
+        return jnp.sum(jnp.square(out[:, -keep:])), out
+    grad = lambda module: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda p, x: loss(module, p, x), (0, 1), has_aux=True))(params, x)
+    (l_full, out_full), g_full = grad(full)
+    (l_kept, out_kept), g_kept = grad(kept)
+    chex.assert_shape(out_kept, (2, keep, 16))
+    np.testing.assert_allclose(out_kept, out_full[:, -keep:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(l_kept, l_full, rtol=1e-5)
+    chex.assert_trees_all_close(g_kept, g_full, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(g_full[1][:, 0]).max()) > 0  # a dropped token still feeds the kept ones
+
+    # Scanned, the last layer runs apart from the scan: `layers` holds depth - 1 of them.
+    scanned = TransformerStack(_SPEC, cross_attention=True, keep_last=keep)
+    first = [params[f"layers_{i}"] for i in range(_SPEC.depth - 1)]
+    p_scanned = {"layers": jax.tree.map(lambda *a: jnp.stack(a), *first),
+                 "last_layer": params[f"layers_{_SPEC.depth - 1}"], "final_norm": params["final_norm"]}
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        p_scanned, nn.unbox(jax.eval_shape(scanned.init, jax.random.key(3), x, mask, kv, kv_mask))["params"])
+    out_scanned = jax.jit(lambda p: scanned.apply({"params": p}, x, mask, kv, kv_mask))(p_scanned)
+    np.testing.assert_allclose(out_scanned, out_kept, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match="keep_last"):
+        kept.apply({"params": params}, x, mask, kv, kv_mask, decode=True)
+
+
 def test_remat_policy_does_not_change_outputs_or_gradients():
     x, mask, kv, kv_mask = _stack_inputs()
     plain = TransformerStack(_SPEC, cross_attention=True)

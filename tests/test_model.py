@@ -665,3 +665,19 @@ def test_latent_loss_decay_steps_take_the_latent_term_from_full_weight_to_zero_o
     loss, metrics = jax.jit(train_step.make_loss_fn(model, loss_config))(params, batch, jax.random.key(0), 10**6)
     np.testing.assert_allclose(loss, metrics["text_loss"] + weight * metrics["latent_loss"], rtol=1e-6)
     assert "latent_loss_weight" not in metrics
+
+
+def test_combiner_outputs_only_gives_the_same_model_outputs():
+    """`model.combiner_outputs_only` changes the work, not the values (unrolled: the same params)."""
+    cfg, model, params, _ = _setup("transformer")
+    assert not cfg.model.combiner_outputs_only and not cfg.model.scan_layers
+    lean = Mirasol3B(make_config(VARIANTS["transformer"], combiner_outputs_only=True).model)
+    batch = make_batch(cfg.model)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        params, nn.unbox(jax.eval_shape(lean.init, jax.random.key(0), batch)["params"]))
+    compiled = [jax.jit(m.apply).lower({"params": params}, batch).compile() for m in (model, lean)]
+    want, got = (c({"params": params}, batch) for c in compiled)
+    for key in ("logits", "latents", "predictions"):
+        np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=1e-5, err_msg=key)
+    full_flops, lean_flops = (c.cost_analysis()["flops"] for c in compiled)
+    assert lean_flops < 0.95 * full_flops  # and it is less work

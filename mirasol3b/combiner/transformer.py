@@ -23,6 +23,8 @@ class TransformerCombiner(nn.Module):
     # Token counts of the modalities, in the order they are concatenated: output j then reads
     # modality j % n only (the media tokens still attend across modalities). None: outputs read all.
     segment_sizes: tuple[int, ...] | None = None
+    # The last layer computes the outputs only (`TransformerStack.keep_last`): the same values.
+    outputs_only: bool = True
 
     @nn.compact
     def __call__(self, tokens: jax.Array, media_mask: jax.Array | None = None, *,
@@ -34,6 +36,7 @@ class TransformerCombiner(nn.Module):
         queries = jnp.broadcast_to(queries.astype(x.dtype), (x.shape[0],) + queries.shape)
         x = jnp.concatenate([x, queries], axis=1)
         mask = None if self.segment_sizes is None else masks.segment_readout(self.segment_sizes, self.num_outputs)
-        x = TransformerStack(self.spec, name="transformer")(x, mask, deterministic=deterministic)
+        keep = self.num_outputs if self.outputs_only else 0
+        x = TransformerStack(self.spec, keep_last=keep, name="transformer")(x, mask, deterministic=deterministic)
         x = einops.rearrange(x[:, -self.num_outputs:], "(b n) m d -> b n m d", b=b)
         return nn.with_logical_constraint(x, ("batch", "snippets", "tokens", "embed"))

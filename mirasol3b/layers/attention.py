@@ -15,8 +15,9 @@ _QKV_AXES = ("batch", "tokens", "heads", "head_dim")
 class Attention(nn.Module):
     """Multi-head dot-product attention.
 
-    `x [batch, queries, embed]`, `kv [batch, keys, kv_embed]` (None for self-attention),
-    `mask [batch | 1, 1, queries, keys]` bool -> `[batch, queries, embed]`.
+    `x [batch, queries, embed]`, `kv [batch, keys, kv_embed]`, `mask [batch | 1, 1, queries, keys]`
+    bool -> `[batch, queries, embed]`. Self-attention reads keys/values from `x`, or from `kv` when
+    given (the queries are then some of those tokens, e.g. the last ones: see `TransformerBlock`).
 
     With `decode=True` the keys and values live in the `cache` collection:
     - self-attention writes this call's keys/values at slot `cache_index` and attends over the
@@ -76,7 +77,9 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None, *,
                  cache_index: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         if not self.cross:
-            kv = x
+            if kv is not None and (self.decode or self.chunk):
+                raise ValueError(f"{self.name}: self-attention over separate keys has no cache or chunks")
+            kv = x if kv is None else kv
         elif kv is None and not self.decode:
             raise ValueError(f"{self.name}: cross-attention needs kv inputs")
         q = self._project("query", x)

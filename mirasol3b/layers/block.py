@@ -16,6 +16,9 @@ class TransformerBlock(nn.Module):
 
     `mask` is the self-attention mask, `kv [batch, kv_tokens, kv_embed]` and `kv_mask` the
     cross-attention inputs (used only with `cross_attention=True`).
+
+    `keep_last > 0`: only the last `keep_last` tokens go on (`[batch, keep_last, embed]` out): their
+    queries still attend to every token's keys, and nothing else is computed for the others.
     """
 
     spec: TransformerSpec
@@ -23,6 +26,7 @@ class TransformerBlock(nn.Module):
     self_attention_chunk: int = 0  # see `Attention.chunk`
     decode: bool = False
     deterministic: bool = True
+    keep_last: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, mask=None, kv=None, kv_mask=None, cache_index=None):
@@ -34,8 +38,14 @@ class TransformerBlock(nn.Module):
         norm = lambda name: LayerNorm(dtype=s.compute_dtype, param_dtype=s.weight_dtype, name=name)  # noqa: E731
         dropout = nn.Dropout(s.dropout_rate)
 
-        h = attention(False, "self_attention")(norm("pre_self_attention_norm")(x), mask=mask,
-                                               cache_index=cache_index, deterministic=self.deterministic)
+        normed = norm("pre_self_attention_norm")(x)
+        if self.keep_last:
+            x, queries = x[:, -self.keep_last:], normed[:, -self.keep_last:]
+            mask = None if mask is None else mask[..., -self.keep_last:, :]
+            h = attention(False, "self_attention")(queries, normed, mask, deterministic=self.deterministic)
+        else:
+            h = attention(False, "self_attention")(normed, mask=mask, cache_index=cache_index,
+                                                   deterministic=self.deterministic)
         x = x + dropout(h, deterministic=self.deterministic)
         if self.cross_attention:
             h = attention(True, "cross_attention")(norm("pre_cross_attention_norm")(x), kv, kv_mask,

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from mirasol3b import configlib, sharding  # noqa: E402
+from mirasol3b.allocator import describe as describe_allocator  # noqa: E402
 from mirasol3b.model import Mirasol3B  # noqa: E402
 from mirasol3b.train.loop import global_batch, model_batch  # noqa: E402
 from mirasol3b.train.optimizer import make_optimizer  # noqa: E402
@@ -207,17 +208,9 @@ def machine() -> str:
 
 
 def allocator() -> str:
-    """Which malloc this process (and the peer's worker, which inherits the environment) runs on.
-
-    It matters on CPU: glibc hands buffers over 32 MiB back to the kernel when freed, so XLA's
-    per-step temporaries are page-faulted and zeroed again every step (step_profile.py counts the
-    faults); a preloaded allocator that keeps freed memory (jemalloc with decay off) does not.
-    """
-    preload = os.path.basename(os.environ.get("LD_PRELOAD", "").split(":")[0])
-    if not preload:
-        return "system malloc"
-    conf = os.environ.get("MALLOC_CONF", "")
-    return f"LD_PRELOAD={preload}" + (f" MALLOC_CONF={conf}" if conf and "jemalloc" in preload else "")
+    """Which malloc this process (and the peer's worker, which inherits the environment) runs on:
+    it matters on CPU (mirasol3b/allocator.py says why)."""
+    return describe_allocator(os.environ)
 
 
 def command_line() -> str:

@@ -34,6 +34,15 @@ def find_jemalloc(dirs=LIBRARY_DIRS) -> str | None:
     return None
 
 
+def describe(env) -> str:
+    """The allocator `env` runs on, as benchmark rows name it: `system malloc` or the preload."""
+    preload = os.path.basename(env.get("LD_PRELOAD", "").split(":")[0])
+    if not preload:
+        return "system malloc"
+    conf = env.get("MALLOC_CONF", "")
+    return f"LD_PRELOAD={preload}" + (f" MALLOC_CONF={conf}" if conf and "jemalloc" in preload else "")
+
+
 def allocator_env(choice: str, env: dict, dirs=LIBRARY_DIRS) -> tuple[dict, str]:
     """(environment to run with for `choice`, a line saying which allocator that is)."""
     if choice not in CHOICES:

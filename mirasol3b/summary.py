@@ -21,7 +21,8 @@ from flax import linen as nn
 from ml_collections import config_flags
 
 from mirasol3b import configlib
-from mirasol3b.model import Mirasol3B, samples_per_snippet, tokens_per_snippet
+from mirasol3b.layers import TransformerSpec
+from mirasol3b.model import Mirasol3B, samples_per_snippet, stack_spec, tokens_per_snippet
 from mirasol3b.text_decoder import padded_vocab_size
 from mirasol3b.time_aligned import windowed_snippets
 from mirasol3b.train.optimizer import make_optimizer
@@ -83,7 +84,7 @@ def param_counts(params) -> dict[str, int]:
 
 # ---- analytic FLOPs ---------------------------------------------------------------------------
 
-def _stack_flops(part: ml_collections.ConfigDict, seqs: int, tokens: int, kv_tokens: int = 0,
+def _stack_flops(part: TransformerSpec, seqs: int, tokens: int, kv_tokens: int = 0,
                  kv_width: int = 0, self_keys: int = 0, keep_last: int = 0) -> tuple[int, int, int]:
     """Forward matmul FLOPs of one TransformerStack over `seqs` sequences, in three parts:
 
@@ -94,7 +95,7 @@ def _stack_flops(part: ml_collections.ConfigDict, seqs: int, tokens: int, kv_tok
     `keep_last`: the last layer computes only that many tokens (`TransformerStack.keep_last`).
     """
     d, f = part.width, part.mlp_dim
-    a = part.num_heads * (part.get("head_dim", 0) or d // part.num_heads)  # attention's inner width
+    a = part.num_heads * part.heads_dim  # attention's inner width
 
     def layer(queries: int) -> tuple[int, int, int]:
         inner = queries * (d * a + d * f) + tokens * 2 * d * a  # keys and values of every token
@@ -145,7 +146,7 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
         v = m.video
         tube = v.tube_frames * v.patch_size ** 2 * 3
         add("video_encoder", 2 * clips * s["video_tokens"] * tube * m.video_encoder.width,
-            [_stack_flops(m.video_encoder, clips, s["video_tokens"])])
+            [_stack_flops(stack_spec(m, "video_encoder"), clips, s["video_tokens"])])
     if m.use_audio:
         a = m.audio
         stft_frames = 1 + s["audio_samples"] // a.hop_length
@@ -156,11 +157,11 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
         logmel = 2 * clips * stft_frames * n_freqs * (dft_width + a.n_mels)
         patch = a.patch_frames * a.patch_mels
         add("audio_encoder", 2 * clips * s["audio_tokens"] * patch * m.audio_encoder.width,
-            [_stack_flops(m.audio_encoder, clips, s["audio_tokens"])])
+            [_stack_flops(stack_spec(m, "audio_encoder"), clips, s["audio_tokens"])])
         out["audio_encoder"]["forward"] += logmel
         out["audio_encoder"]["train"] += logmel
 
-    c = m.combiner_transformer
+    c = stack_spec(m, "combiner_transformer")
     fusion = 2 * clips * c.width * (s["video_tokens"] * m.video_encoder.width * m.use_video
                                     + s["audio_tokens"] * m.audio_encoder.width * m.use_audio)
     if m.combiner == "transformer":
@@ -172,17 +173,17 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
         write = _token_learner_flops(clips, s["combiner_sequence"] + m.num_latents, c.width, hidden, memory)
         add("combiner", fusion + read + write, [_stack_flops(c, clips, m.num_latents)])
 
-    t = m.time_aligned
+    t, window = stack_spec(m, "time_aligned"), m.time_aligned.window
     latents = b * s["time_aligned_tokens"]
-    padded = windowed_snippets(s["snippets"], t.window)
+    padded = windowed_snippets(s["snippets"], window)
     if padded:  # chunks of `window` snippets against their own and the previous chunk
-        chunk = t.window * m.num_latents
-        stack = _stack_flops(t, b * padded // t.window, chunk, self_keys=2 * chunk)
+        chunk = window * m.num_latents
+        stack = _stack_flops(t, b * padded // window, chunk, self_keys=2 * chunk)
     else:
         stack = _stack_flops(t, b, s["time_aligned_tokens"])
     add("time_aligned", 2 * 2 * latents * c.width * t.width, [stack])
 
-    d = m.text_decoder
+    d = stack_spec(m, "text_decoder")
     logits = 2 * b * s["text_length"] * d.width * padded_vocab_size(m.vocab_size)
     add("text_decoder", logits, [_stack_flops(d, b, s["text_length"], s["time_aligned_tokens"], t.width)])
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mirasol3b.allocator import JEMALLOC_CONF, allocator_env, find_jemalloc
+from mirasol3b.allocator import JEMALLOC_CONF, allocator_env, describe, find_jemalloc
 
 
 @pytest.fixture
@@ -25,6 +25,9 @@ def test_auto_preloads_the_first_jemalloc_found_with_decay_off(lib_dirs):
     assert env == {"PATH": "/bin", "LD_PRELOAD": os.path.join(with_lib, "libjemalloc.so.2"),
                    "MALLOC_CONF": JEMALLOC_CONF}
     assert "dirty_decay_ms:-1" in JEMALLOC_CONF and with_lib in said
+    # How benchmark rows name it: the library's file name and its settings.
+    assert describe(env) == f"LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF={JEMALLOC_CONF}"
+    assert describe({"PATH": "/bin"}) == "system malloc"
 
 
 def test_without_jemalloc_auto_falls_back_and_says_how_to_install_but_an_explicit_request_fails(lib_dirs):

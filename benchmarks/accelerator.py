@@ -1,47 +1,56 @@
 """Model FLOPs utilisation and tokens/s of the paper-width model in bf16 on one GPU or TPU.
 
-    .venv/bin/python benchmarks/accelerator.py [--config configs/mirasol3b.py] [--batch B] [--steps N]
+    .venv/bin/python benchmarks/accelerator.py [--config configs/mirasol3b.py[:ttm]] [--max-batch B]
+        [--remat POLICY] [--set model.attention_impl=xla ...] [--steps N]
 
 On a machine without an accelerator it says so and exits 0 (nothing to measure).
 
-- Model: `configs/mirasol3b.py` (width 2048, bf16 compute, f32 params, remat) on a mesh of one
-  device. The batch is the largest power of two (from --max-batch down) whose compiled step fits
-  the device's memory by `memory_analysis()`; if not even one clip fits, every stack's depth is
-  halved until it does (the widths stay the paper's), and the table says so.
+- Model: `configs/mirasol3b.py` (width 2048, bf16 compute, f32 params and AdamW state, scanned
+  layers) on a mesh of one device, attention as `model.attention_impl` says ("auto": cuDNN's fused
+  kernel on an NVIDIA GPU). `--remat` (default dots_with_no_batch_dims_saveable: one device holds
+  a small batch, so the projections' outputs can be kept; the config's nothing_saveable is sized
+  for pod-scale batches). The batch is the largest power of two (from --max-batch down) whose
+  compiled step fits the device's memory by `memory_analysis()` (each candidate compiled once,
+  from shapes); if not even one clip fits, every stack's depth is halved until it does (the
+  widths stay the paper's), and the table says so.
 - MFU = model FLOPs / step time / the device's peak dense bf16 FLOP/s. Model FLOPs are the
   analytic matmul count of `mirasol3b.summary` (3 x forward: what remat recomputes is not model
   work). The peak comes from the vendor's table for the device kind (--peak-tflops overrides); a
   large bf16 matmul is measured beside it.
 - tokens/s: text tokens (batch x text length) and media tokens (video tubes + audio patches).
 
-Target: MFU >= 40%. `--allow-cpu` runs the same code on the CPU (a test of this script, against
-the measured f32 matmul peak there).
+Target: MFU >= 40% (met on an H200: benchmarks/README.md "On a GPU"). `--allow-cpu` runs the
+same code on the CPU (a test of this script, against the measured f32 matmul peak there).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import importlib.util
 import os
 import sys
 import time
 
+# JAX preallocates 75% of a GPU's memory by default; the batch search sizes against what JAX may
+# take, and the paper model at batch 16 needs ~111 GiB of an H200's 139.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-from flax import linen as nn  # noqa: E402
 
-from mirasol3b import configlib, sharding, summary  # noqa: E402
-from mirasol3b.model import Mirasol3B  # noqa: E402
-from mirasol3b.train.optimizer import make_optimizer  # noqa: E402
-from mirasol3b.train.state import abstract_state, example_batch, state_shardings  # noqa: E402
-from mirasol3b.train.step import make_train_step  # noqa: E402
+from mirasol3b import configlib, summary  # noqa: E402
+from mirasol3b.layers.attention import resolve_implementation  # noqa: E402
+from mirasol3b.layers.spec import REMAT_POLICIES  # noqa: E402
 
 TARGET = 0.40
+# One device holds the whole batch, so memory allows saving every projection's output for the
+# backward pass (batch 16 on an H200); the config's nothing_saveable is sized for pod-scale batches.
+ONE_DEVICE_REMAT = "dots_with_no_batch_dims_saveable"
 # Dense bf16 peak FLOP/s by device kind (vendor figures, no sparsity); first match wins.
 PEAK_BF16 = (
     ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12),
@@ -52,10 +61,12 @@ PEAK_BF16 = (
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
+    """`configs/x.py` or `configs/x.py:variant`, unlocked."""
+    path, _, arg = path.partition(":")
     spec = importlib.util.spec_from_file_location("bench_config", os.path.join(common.ROOT, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return ml_collections.ConfigDict(module.get_config().to_dict())
+    return ml_collections.ConfigDict(module.get_config(arg or None).to_dict())
 
 
 def one_device(config, batch: int, depth_divisor: int = 1) -> ml_collections.ConfigDict:
@@ -67,21 +78,6 @@ def one_device(config, batch: int, depth_divisor: int = 1) -> ml_collections.Con
     return configlib.validate(c)
 
 
-def compiled_peak_bytes(config) -> int:
-    """Peak bytes of the compiled train step, from abstract inputs (nothing is allocated)."""
-    mesh = sharding.make_mesh(config.mesh_shape)
-    model, optimizer = Mirasol3B(config.model), make_optimizer(config.train)
-    batch = example_batch(config, config.data.batch_size)
-    boxed, _ = abstract_state(model, optimizer, batch)
-    shardings = state_shardings(boxed, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        compiled = jax.jit(make_train_step(model, optimizer, config.loss), donate_argnums=0).lower(
-            state, batch, jax.eval_shape(lambda: jax.random.key(0))).compile()
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
-
-
 def device_memory(device) -> int | None:
     try:
         stats = device.memory_stats() or {}
@@ -91,22 +87,40 @@ def device_memory(device) -> int | None:
 
 
 def choose(config, max_batch: int, limit: int | None, quick: bool):
-    """(config that fits, its peak bytes, note): the largest batch, then the deepest model, that fits."""
+    """(compiled step that fits, note): the largest batch, then the deepest model, whose compiled
+    step fits the device. Each candidate is compiled once, from shapes; only the one chosen
+    allocates its state."""
     batches = [b for b in (2 ** i for i in range(12, -1, -1)) if b <= max_batch]
     for divisor in (1, 2, 4, 8, 16, 32):
         for b in batches:
-            c = one_device(config, b, divisor)
-            peak = compiled_peak_bytes(c)
+            step = common.TrainStep(one_device(config, b, divisor), allocate=False, devices=jax.devices()[:1])
+            peak = step.memory()["peak_bytes"]
             fits = limit is None or peak <= 0.92 * limit
-            print(f"  batch {b:4d}, depths /{divisor}: compiled peak {peak / 2**30:.1f} GiB"
-                  f"{'' if limit is None else f' of {limit / 2**30:.1f} GiB'} -> {'fits' if fits else 'too big'}",
-                  flush=True)
+            print(f"  batch {b:4d}, depths /{divisor}: compiled in {step.compile_seconds:.0f} s, peak "
+                  f"{peak / 2**30:.1f} GiB{'' if limit is None else f' of {limit / 2**30:.1f} GiB'} -> "
+                  f"{'fits' if fits else 'too big'}", flush=True)
             if fits:
                 note = "the config's depths" if divisor == 1 else f"depths / {divisor} (the config's do not fit)"
-                return c, peak, note
+                return step, note
+            del step
             if quick:
                 break
     raise SystemExit("not even one clip of the shallowest model fits this device")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`['model.remat_policy=dots_saveable', 'data.text_length=32']` -> {'a.b': value}; values are
+    Python literals where they parse as one, else strings."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def peak_flops(device, dtype) -> tuple[float | None, str]:
@@ -133,7 +147,11 @@ def matmul_rate(dtype, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/mirasol3b.py")
-    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=32, help="the largest batch tried (then halved)")
+    parser.add_argument("--remat", default=ONE_DEVICE_REMAT, choices=sorted(REMAT_POLICIES),
+                        help="model.remat_policy for this run (see the module docstring)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. model.remat_policy=dots_with_no_batch_dims_saveable")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, if not in the table")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU anyway (tests this script)")
@@ -153,16 +171,18 @@ def main() -> None:
     print(f"machine: {machine}; device 0: {device.device_kind}", flush=True)
 
     base = load_config(args.config)
+    base.model.remat_policy = args.remat
+    base = common.override(base, parse_overrides(args.set))
     if backend == "cpu":
         base.model.dtype = "float32"  # bf16 matmuls are emulated on the CPU
     limit = device_memory(device)
     print(f"choosing the batch (device memory {'unknown' if limit is None else f'{limit / 2**30:.1f} GiB'}):",
           flush=True)
-    config, peak_bytes, note = choose(base, args.max_batch, limit, args.quick)
+    step, note = choose(base, args.max_batch, limit, args.quick)
+    config, peak_bytes = step.config, step.memory()["peak_bytes"]
     batch = config.data.batch_size
-
-    step = common.TrainStep(config)
-    print(f"{step.num_params:,} params, batch {batch} ({note}), compiled in {step.compile_seconds:.0f} s", flush=True)
+    step.allocate()
+    print(f"{step.num_params:,} params, batch {batch} ({note})", flush=True)
     steps = 3 if args.quick else args.steps
     for _ in range(2):
         step.step()
@@ -188,6 +208,11 @@ def main() -> None:
     text_tps = batch * sizes["text_length"] / seconds
     media_tps = batch * sizes["snippets"] * sizes["combiner_inputs"] / seconds
     mfu = model_flops / seconds / peak
+    m = config.model
+    attention = resolve_implementation(m.attention_impl, m.dtype, m.dropout_rate, 64)  # the paper's heads: 64/128
+    setup = (f"{m.combiner} Combiner, remat {m.remat_policy}, attention {m.attention_impl}"
+             + (f" -> {attention}" if attention != m.attention_impl else "")
+             + f", compute {m.dtype}, params {m.param_dtype}")
 
     print()
     print(common.table(["device", "params", "batch", "s/step", "model FLOP/step", "achieved", "peak", "MFU",
@@ -196,15 +221,14 @@ def main() -> None:
                          common.si(model_flops, "FLOP"), common.si(model_flops / seconds, "FLOP/s"),
                          common.si(peak, "FLOP/s"), f"{mfu:.1%}", f"{text_tps:,.0f}", f"{media_tps:,.0f}"]]))
     print(f"peak: {source}; measured {dtype.name} matmul {common.si(measured, 'FLOP/s')}; "
-          f"compiled peak memory {peak_bytes / 2**30:.1f} GiB; {note}; remat {config.model.remat_policy}, "
-          f"compute {config.model.dtype}, params {config.model.param_dtype}")
+          f"compiled peak memory {peak_bytes / 2**30:.1f} GiB; {note}; {setup}")
     print(f"target: MFU >= {TARGET:.0%}: {'met' if mfu >= TARGET else 'NOT met'}")
     checks = [common.check(f"MFU on {device.device_kind} (batch {batch}, {note})", f"{mfu:.1%}",
                            f">= {TARGET:.0%}", mfu >= TARGET),
               common.check("tokens/s (text, media)", f"{text_tps:,.0f}, {media_tps:,.0f}")]
     if not args.no_write:
         common.write_row("accelerator", f"{device.device_kind}, {step.num_params / 1e9:.2f} B params, batch {batch} "
-                         f"({note}), {seconds:.3f} s/step, MFU {mfu:.1%} of {common.si(peak, 'FLOP/s')} ({source}), "
+                         f"({note}; {setup}), {seconds:.3f} s/step, MFU {mfu:.1%} of {common.si(peak, 'FLOP/s')} ({source}), "
                          f"text {text_tps:,.0f} tok/s, media {media_tps:,.0f} tok/s", machine)
     common.write_summary(args.summary, "accelerator", checks)
 

@@ -33,7 +33,7 @@ from mirasol3b.model import Mirasol3B  # noqa: E402
 from mirasol3b.train.loop import global_batch, model_batch  # noqa: E402
 from mirasol3b.train.optimizer import make_optimizer  # noqa: E402
 from mirasol3b.train.random_batches import random_batch  # noqa: E402
-from mirasol3b.train.state import create_sharded_state  # noqa: E402
+from mirasol3b.train.state import abstract_state, create_sharded_state, state_shardings  # noqa: E402
 from mirasol3b.train.step import make_train_step  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -104,31 +104,46 @@ def override(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.Co
 class TrainStep:
     """The train step exactly as `mirasol3b.train.loop.train` runs it: sharded state on a mesh of
     this machine's devices, `jax.jit` with in/out shardings and the state donated; compiled ahead
-    of time so its `cost_analysis()` and `memory_analysis()` can be read.
+    of time (from the state's shapes and shardings) so its `cost_analysis()` and
+    `memory_analysis()` can be read before any parameter exists.
 
-    `step()` runs one step and blocks until it is done; returns seconds.
+    `devices`: the mesh's devices (default: all of this machine's). `allocate=False` stops after
+    the compile: `memory()` then says whether the step fits a device, and `allocate()` creates the
+    state later. `step()` runs one step and blocks until it is done; returns seconds.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, seed: int = 0):
-        self.config = config
-        self.mesh = sharding.make_mesh(config.mesh_shape)
+    def __init__(self, config: ml_collections.ConfigDict, seed: int = 0, *, allocate: bool = True, devices=None):
+        self.config, self.seed = config, seed
+        self.mesh = sharding.make_mesh(config.mesh_shape, devices)
         self.model = Mirasol3B(config.model)
-        optimizer = make_optimizer(config.train)
+        self.optimizer = make_optimizer(config.train)
         host = model_batch(random_batch(config, np.random.default_rng(seed), config.data.batch_size), config)
         self.batch = global_batch(host, self.mesh)
-        self.state, shardings = create_sharded_state(self.model, optimizer, self.batch, self.mesh,
-                                                     jax.random.key(seed))
-        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
+        boxed, _ = abstract_state(self.model, self.optimizer, self.batch)
+        self.shardings = state_shardings(boxed, self.mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                nn.unbox(boxed), self.shardings)
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
         self.rng = jax.random.key(seed + 1)
+        self.state = None
         batch_shardings = jax.tree.map(lambda x: x.sharding, self.batch)
         t = time.perf_counter()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-            jitted = jax.jit(make_train_step(self.model, optimizer, config.loss),
-                             in_shardings=(shardings, batch_shardings, None),
-                             out_shardings=(shardings, None), donate_argnums=0)
-            self.lowered = jitted.lower(self.state, self.batch, self.rng)
+            jitted = jax.jit(make_train_step(self.model, self.optimizer, config.loss),
+                             in_shardings=(self.shardings, batch_shardings, None),
+                             out_shardings=(self.shardings, None), donate_argnums=0)
+            self.lowered = jitted.lower(abstract, self.batch, self.rng)
             self.compiled = self.lowered.compile()
         self.compile_seconds = time.perf_counter() - t
+        if allocate:
+            self.allocate()
+
+    def allocate(self) -> None:
+        """Creates the sharded train state (params and optimizer state) the step runs on."""
+        self.state, shardings = create_sharded_state(self.model, self.optimizer, self.batch, self.mesh,
+                                                     jax.random.key(self.seed))
+        if shardings != self.shardings:
+            raise AssertionError("the created state's shardings differ from the compiled step's")
 
     def step(self) -> float:
         t = time.perf_counter()

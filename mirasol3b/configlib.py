@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from mirasol3b.layers.spec import DTYPES, REMAT_POLICIES
+from mirasol3b.layers.spec import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 from mirasol3b.losses import LATENT_LOSSES, LATENT_NEGATIVES
 
 
@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.remat_policy = "none"
     m.scan_layers = True
+    # "auto": cuDNN's fused attention where it applies (NVIDIA GPU, bf16/fp16, no dropout), else
+    # XLA's einsums; "xla" | "cudnn" force one (layers/spec.py).
+    m.attention_impl = "auto"
     m.dropout_rate = 0.0
     # Per example and modality, the chance that training hides that whole modality (never all).
     m.modality_dropout = 0.0
@@ -218,6 +221,7 @@ RULES: dict[str, Callable] = {
     "model.param_dtype": _one_of(*DTYPES),
     "model.remat_policy": _one_of(*REMAT_POLICIES),
     "model.scan_layers": _bool,
+    "model.attention_impl": _one_of(*ATTENTION_IMPLS),
     "model.dropout_rate": _number(0.0, 1.0),
     "model.modality_dropout": _number(0.0, 0.5),  # two modalities: each may be the one hidden
     "model.combiner": _one_of("transformer", "ttm"),
@@ -347,6 +351,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(m[s].head_dim or m[s].width % m[s].num_heads == 0, f"model.{s}.num_heads",
                  f"a divisor of model.{s}.width ({m[s].width}) when model.{s}.head_dim is 0", m[s].num_heads)
         _require(m[s].width % 2 == 0 or s != "time_aligned", f"model.{s}.width", "an even number", m[s].width)
+    _require(m.attention_impl != "cudnn" or (m.dtype != "float32" and not m.dropout_rate), "model.attention_impl",
+             "'xla' unless model.dtype is bfloat16/float16 and model.dropout_rate is 0 (cuDNN's fused kernel)",
+             m.attention_impl)
     _require(config.data.text_length <= m.text_decoder.max_length, "data.text_length",
              f"<= model.text_decoder.max_length ({m.text_decoder.max_length})", config.data.text_length)
     _require(config.train.warmup_steps <= config.train.num_steps, "train.warmup_steps",

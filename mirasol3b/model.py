@@ -29,7 +29,7 @@ def stack_spec(model_config: ml_collections.ConfigDict, name: str) -> Transforme
     return TransformerSpec(
         width=part.width, depth=part.depth, num_heads=part.num_heads, mlp_dim=part.mlp_dim,
         head_dim=part.get("head_dim", 0), dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype,
-        remat_policy=c.remat_policy, scan_layers=c.scan_layers)
+        remat_policy=c.remat_policy, scan_layers=c.scan_layers, attention_impl=c.get("attention_impl", "auto"))
 
 
 def samples_per_snippet(model_config: ml_collections.ConfigDict) -> int:

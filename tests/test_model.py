@@ -598,6 +598,8 @@ BAD_CONFIGS = {
     "tube_not_dividing_snippet": (_set("model.video.tube_frames", 3), "model.video.tube_frames"),
     "text_longer_than_decoder": (_set("data.text_length", 97), "data.text_length"),  # max_length is 96
     "modality_dropout_over_half": (_set("model.modality_dropout", 0.6), "model.modality_dropout"),
+    "unknown_attention_impl": (_set("model.attention_impl", "flash"), "model.attention_impl"),
+    "cudnn_attention_in_float32": (_set("model.attention_impl", "cudnn"), "model.attention_impl"),  # tiny is f32
 }
 
 

@@ -12,6 +12,18 @@ from mirasol3b.layers.projection import heads_projection, output_projection
 _QKV_AXES = ("batch", "tokens", "heads", "head_dim")
 
 
+def resolve_implementation(implementation: str, dtype, dropout_rate: float, head_dim: int,
+                           backend: str | None = None) -> str:
+    """"auto" -> "cudnn" where cuDNN's fused kernel applies (an NVIDIA GPU, bf16/fp16, no dropout,
+    head dim a multiple of 8 up to 128), else "xla"; "xla" and "cudnn" stay as asked."""
+    if implementation != "auto":
+        return implementation
+    backend = backend or jax.default_backend()
+    fits = (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not dropout_rate
+            and head_dim % 8 == 0 and head_dim <= 128)
+    return "cudnn" if fits else "xla"
+
+
 class Attention(nn.Module):
     """Multi-head dot-product attention.
 
@@ -30,6 +42,10 @@ class Attention(nn.Module):
     With `chunk > 0` (self-attention, no cache) the queries go in chunks of `chunk` tokens, each
     attending to its own chunk's keys and the previous chunk's: cost linear in length. `mask` is
     then `[batch | 1, chunks, 1, chunk, 2 * chunk]` (see `masks.chunked_*`).
+
+    `implementation` (`layers.spec.ATTENTION_IMPLS`): "xla", "cudnn" (the fused kernel on NVIDIA
+    GPUs) or "auto" (`resolve_implementation`); decoding with a cache always takes "xla" (one query
+    a step: nothing to fuse).
     """
 
     num_heads: int
@@ -38,6 +54,7 @@ class Attention(nn.Module):
     decode: bool = False
     chunk: int = 0
     dropout_rate: float = 0.0
+    implementation: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -66,12 +83,31 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, mask, deterministic: bool, lead: str = "") -> jax.Array:
         """Softmax(q k^T) v over the last token axis; `lead` names extra axes after batch."""
+        implementation = resolve_implementation(self.implementation, self.dtype, self.dropout_rate, self.head_dim)
+        if implementation == "cudnn" and not self.decode:
+            return self._attend_fused(q, k, v, mask, lead)
         logits = jnp.einsum(f"b{lead}qhd,b{lead}khd->b{lead}hqk", q, k, preferred_element_type=jnp.float32)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic).astype(self.dtype)
         return jnp.einsum(f"b{lead}hqk,b{lead}khd->b{lead}qhd", probs, v.astype(self.dtype))
+
+    def _attend_fused(self, q, k, v, mask, lead: str) -> jax.Array:
+        """`_attend` through cuDNN's fused attention (q is already scaled)."""
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"{self.name}: attention_impl 'cudnn' runs on NVIDIA GPUs only; this JAX backend is "
+                             f"{jax.default_backend()!r} (use model.attention_impl='xla')")
+        if lead:  # chunks fold into the batch: [b, n, ...] -> [b * n, ...]
+            b, n = q.shape[:2]
+            fold = lambda t: t.reshape(b * n, *t.shape[2:])  # noqa: E731
+            if mask is not None:
+                mask = fold(jnp.broadcast_to(mask, (b, n, *mask.shape[2:])))
+            return self._attend_fused(fold(q), fold(k), fold(v), mask, "").reshape(q.shape)
+        if mask is not None:  # cuDNN takes a mask as a bias spanning every query (no broadcast there)
+            mask = jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=1.0,
+                                            implementation="cudnn")
 
     @nn.compact
     def __call__(self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None, *,

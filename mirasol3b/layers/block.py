@@ -34,7 +34,8 @@ class TransformerBlock(nn.Module):
         attention = lambda cross, name: Attention(  # noqa: E731
             num_heads=s.num_heads, head_dim=s.heads_dim, cross=cross, decode=self.decode,
             chunk=0 if cross else self.self_attention_chunk,
-            dropout_rate=s.dropout_rate, dtype=s.compute_dtype, param_dtype=s.weight_dtype, name=name)
+            dropout_rate=s.dropout_rate, implementation=s.attention_impl, dtype=s.compute_dtype,
+            param_dtype=s.weight_dtype, name=name)
         norm = lambda name: LayerNorm(dtype=s.compute_dtype, param_dtype=s.weight_dtype, name=name)  # noqa: E731
         dropout = nn.Dropout(s.dropout_rate)
 

@@ -19,6 +19,12 @@ REMAT_POLICIES = {
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+# How attention's softmax(q k^T) v runs: "xla" (einsums, float32 logits; every backend), "cudnn"
+# (jax.nn.dot_product_attention's fused cuDNN kernel on NVIDIA GPUs: the [queries, keys] logits
+# never reach memory; 1.5x the paper model's train step on an H200, benchmarks/README.md) or
+# "auto": cudnn where it applies (GPU, bf16/fp16, no dropout, head dim <= 128), else xla.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerSpec:
@@ -34,6 +40,7 @@ class TransformerSpec:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = True
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         for name in ("width", "depth", "num_heads", "mlp_dim"):
@@ -44,6 +51,12 @@ class TransformerSpec:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"TransformerSpec.remat_policy must be one of {sorted(REMAT_POLICIES)}, "
                              f"got {self.remat_policy!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"TransformerSpec.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
+        if self.attention_impl == "cudnn" and (self.dtype == "float32" or self.dropout_rate):
+            raise ValueError("TransformerSpec.attention_impl 'cudnn' needs a bfloat16/float16 dtype and no "
+                             f"dropout, got dtype {self.dtype!r}, dropout_rate {self.dropout_rate}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"TransformerSpec.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")

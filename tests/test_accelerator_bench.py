@@ -22,7 +22,7 @@ def test_cpu_run_searches_the_batch_and_reports_mfu(tmp_path, monkeypatch, capsy
     summary = tmp_path / "summary.jsonl"
     monkeypatch.setattr(sys, "argv", [
         "accelerator.py", "--allow-cpu", "--config", "configs/tiny.py", "--max-batch", "2", "--quick",
-        "--no-write", "--summary", str(summary), "--set", "model.time_aligned.depth=1"])
+        "--no-write", "--summary", str(summary), "--set", "model.time_aligned.depth=1", "--set", "model.scan_layers=True"])
     accelerator.main()
     out = capsys.readouterr().out
     assert "batch    2, depths /1: compiled in" in out

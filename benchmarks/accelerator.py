@@ -46,6 +46,7 @@ import ml_collections  # noqa: E402
 from mirasol3b import configlib, summary  # noqa: E402
 from mirasol3b.layers.attention import resolve_implementation  # noqa: E402
 from mirasol3b.layers.spec import REMAT_POLICIES  # noqa: E402
+from mirasol3b.model import stack_spec  # noqa: E402
 
 TARGET = 0.40
 # One device holds the whole batch, so memory allows saving every projection's output for the
@@ -209,7 +210,8 @@ def main() -> None:
     media_tps = batch * sizes["snippets"] * sizes["combiner_inputs"] / seconds
     mfu = model_flops / seconds / peak
     m = config.model
-    attention = resolve_implementation(m.attention_impl, m.dtype, m.dropout_rate, 64)  # the paper's heads: 64/128
+    attention = "/".join(sorted({resolve_implementation(m.attention_impl, m.dtype, m.dropout_rate,
+                                                        stack_spec(m, s).heads_dim) for s in configlib.STACKS}))
     setup = (f"{m.combiner} Combiner, remat {m.remat_policy}, attention {m.attention_impl}"
              + (f" -> {attention}" if attention != m.attention_impl else "")
              + f", compute {m.dtype}, params {m.param_dtype}")

@@ -15,7 +15,8 @@ _QKV_AXES = ("batch", "tokens", "heads", "head_dim")
 def resolve_implementation(implementation: str, dtype, dropout_rate: float, head_dim: int,
                            backend: str | None = None) -> str:
     """"auto" -> "cudnn" where cuDNN's fused kernel applies (an NVIDIA GPU, bf16/fp16, no dropout,
-    head dim a multiple of 8 up to 128), else "xla"; "xla" and "cudnn" stay as asked."""
+    head dim a multiple of 8 up to 128), else "xla"; "xla" and "cudnn" stay as asked. The backend
+    is `jax.default_backend()` unless given: a CPU computation on a GPU host should ask for "xla"."""
     if implementation != "auto":
         return implementation
     backend = backend or jax.default_backend()

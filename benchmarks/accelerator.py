@@ -110,7 +110,7 @@ def choose(config, max_batch: int, limit: int | None, quick: bool):
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`['model.remat_policy=dots_saveable', 'data.text_length=32']` -> {'a.b': value}; values are
+    """`['model.attention_impl=xla', 'data.text_length=32']` -> {'a.b': value}; values are
     Python literals where they parse as one, else strings."""
     out = {}
     for pair in pairs:
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--remat", default=ONE_DEVICE_REMAT, choices=sorted(REMAT_POLICIES),
                         help="model.remat_policy for this run (see the module docstring)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. model.remat_policy=dots_with_no_batch_dims_saveable")
+                        help="config override, e.g. model.attention_impl=xla")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, if not in the table")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU anyway (tests this script)")

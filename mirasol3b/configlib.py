@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from mirasol3b.layers.spec import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+from mirasol3b.layers.spec import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, fused_attention_fits
 from mirasol3b.losses import LATENT_LOSSES, LATENT_NEGATIVES
 
 
@@ -351,7 +351,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(m[s].head_dim or m[s].width % m[s].num_heads == 0, f"model.{s}.num_heads",
                  f"a divisor of model.{s}.width ({m[s].width}) when model.{s}.head_dim is 0", m[s].num_heads)
         _require(m[s].width % 2 == 0 or s != "time_aligned", f"model.{s}.width", "an even number", m[s].width)
-    _require(m.attention_impl != "cudnn" or (m.dtype != "float32" and not m.dropout_rate), "model.attention_impl",
+    _require(m.attention_impl != "cudnn" or fused_attention_fits(m.dtype, m.dropout_rate), "model.attention_impl",
              "'xla' unless model.dtype is bfloat16/float16 and model.dropout_rate is 0 (cuDNN's fused kernel)",
              m.attention_impl)
     _require(config.data.text_length <= m.text_decoder.max_length, "data.text_length",

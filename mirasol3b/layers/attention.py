@@ -8,6 +8,7 @@ from flax import linen as nn
 
 from mirasol3b.layers import masks
 from mirasol3b.layers.projection import heads_projection, output_projection
+from mirasol3b.layers.spec import fused_attention_fits
 
 _QKV_AXES = ("batch", "tokens", "heads", "head_dim")
 
@@ -20,8 +21,7 @@ def resolve_implementation(implementation: str, dtype, dropout_rate: float, head
     if implementation != "auto":
         return implementation
     backend = backend or jax.default_backend()
-    fits = (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not dropout_rate
-            and head_dim % 8 == 0 and head_dim <= 128)
+    fits = backend == "gpu" and fused_attention_fits(dtype, dropout_rate) and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if fits else "xla"
 
 

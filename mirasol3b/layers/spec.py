@@ -26,6 +26,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
+def fused_attention_fits(dtype, dropout_rate: float) -> bool:
+    """Whether cuDNN's fused attention can run these numerics: a 16-bit dtype, no dropout."""
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not dropout_rate
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerSpec:
     """Width, depth and numerics of one stack of pre-LayerNorm transformer blocks."""
@@ -54,7 +59,7 @@ class TransformerSpec:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"TransformerSpec.attention_impl must be one of {ATTENTION_IMPLS}, "
                              f"got {self.attention_impl!r}")
-        if self.attention_impl == "cudnn" and (self.dtype == "float32" or self.dropout_rate):
+        if self.attention_impl == "cudnn" and not fused_attention_fits(self.dtype, self.dropout_rate):
             raise ValueError("TransformerSpec.attention_impl 'cudnn' needs a bfloat16/float16 dtype and no "
                              f"dropout, got dtype {self.dtype!r}, dropout_rate {self.dropout_rate}")
         for name in ("dtype", "param_dtype"):

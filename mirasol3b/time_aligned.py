@@ -7,8 +7,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mirasol3b.layers import LearnedPositions, TransformerSpec, TransformerStack, masks, sinusoidal
+from mirasol3b.layers import (
+    LearnedPositions,
+    TransformerSpec,
+    TransformerStack,
+    masks,
+    sinusoidal,
+)
 from mirasol3b.layers.initializers import default_kernel_init, logical
+from mirasol3b.layers.projection import Dense
 
 
 def windowed_snippets(snippets: int, window: int) -> int:
@@ -34,7 +41,7 @@ class TimeAlignedModel(nn.Module):
     def __call__(self, latents: jax.Array, media_mask: jax.Array, *, deterministic: bool = True):
         b, t, m, latent_width = latents.shape
         s = self.spec
-        dense = lambda features, axes, name: nn.Dense(  # noqa: E731
+        dense = lambda features, axes, name: Dense(  # noqa: E731
             features, dtype=s.compute_dtype, param_dtype=s.weight_dtype, name=name,
             kernel_init=logical(default_kernel_init, axes), bias_init=logical(nn.initializers.zeros, axes[1:]))
         x = dense(s.width, ("mlp", "embed"), "input_projection")(latents)

@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from configs import tiny
 from mirasol3b import sharding
-from mirasol3b.layers import Attention, TransformerSpec, TransformerStack, masks
+from mirasol3b.layers import Attention, TransformerSpec, TransformerStack, masks, projection
 from mirasol3b.model import Mirasol3B, samples_per_snippet
 
 T_, F_ = True, False
@@ -327,3 +327,32 @@ def test_every_parameter_has_logical_axis_names(variant):
         assert not unknown, f"{where}: axis names {unknown} have no rule in sharding.LOGICAL_AXIS_RULES"
     # Scanned stacks put their layers on a leading 'layers' axis.
     assert any(leaf.names[0] == "layers" for _, leaf in leaves)
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,num_input_axes",
+                         [((2, 3, 8), (8, 4, 5), 1),       # heads projection
+                          ((2, 3, 4, 5), (4, 5, 8), 2),    # output projection
+                          ((8,), (8, 6), 1)])              # no leading axes
+def test_matmul_equals_the_nd_contraction_in_value_and_gradients(x_shape, kernel_shape, num_input_axes):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+    n = num_input_axes
+    dims = ((tuple(range(len(x_shape) - n, len(x_shape))), tuple(range(n))), ((), ()))
+
+    def loss(contract):
+        return lambda x, k: jnp.sum(jnp.sin(contract(x, k)))
+
+    ours = jax.value_and_grad(loss(lambda x, k: projection.matmul(x, k, n)), argnums=(0, 1))(x, kernel)
+    reference = jax.value_and_grad(loss(lambda x, k: jax.lax.dot_general(x, k, dims)), argnums=(0, 1))(x, kernel)
+    chex.assert_trees_all_close(ours, reference, rtol=1e-5, atol=1e-5)
+    chex.assert_shape(projection.matmul(x, kernel, n), x_shape[:len(x_shape) - n] + kernel_shape[n:])
+    with pytest.raises(ValueError, match="cannot contract"):
+        projection.matmul(x, jnp.zeros((3,) + kernel_shape[1:]), n)
+
+
+def test_dense_has_nn_denses_parameters_and_outputs():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    ours, flax_dense = projection.Dense(5, name="wi"), nn.Dense(5, name="wi")
+    params = flax_dense.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal_shapes(ours.init(jax.random.key(1), x), params)
+    chex.assert_trees_all_close(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-5, atol=1e-5)

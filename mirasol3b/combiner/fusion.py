@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mirasol3b.layers.initializers import default_kernel_init, embedding_init, logical
+from mirasol3b.layers.projection import Dense
 
 
 class ModalityFusion(nn.Module):
@@ -34,9 +35,9 @@ class ModalityFusion(nn.Module):
         dropped = self._dropped(len(names), next(iter(tokens.values())).shape[0], deterministic)
         parts = []
         for i, name in enumerate(names):
-            x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_projection",
-                         kernel_init=logical(default_kernel_init, ("embed", "mlp")),
-                         bias_init=logical(nn.initializers.zeros, ("mlp",)))(tokens[name])
+            x = Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_projection",
+                      kernel_init=logical(default_kernel_init, ("embed", "mlp")),
+                      bias_init=logical(nn.initializers.zeros, ("mlp",)))(tokens[name])
             if dropped is not None:
                 x = jnp.where(dropped[:, i, None, None, None], jnp.zeros_like(x), x)
             kind = self.param(f"{name}_embedding", logical(embedding_init, ("embed",)), (self.width,),

@@ -75,3 +75,15 @@ def test_step_profile_counts_the_dot_flops_of_a_freshly_compiled_function():
     matmuls = [name for name in entry if hlo.kind(name) == "matmuls"]
     assert matmuls, f"no matmul found among {entry}"
     assert sum(hlo.dot_flops(name) for name in matmuls) == pytest.approx(2 * m * k * n)
+
+
+def test_step_profile_sets_apart_the_dots_eigen_runs_untimed():
+    t, k, n = 256, 48, 32  # a weight gradient: contraction over the tokens, which YNNPACK does not take
+    fn = jax.jit(lambda x, dy, w: (jnp.einsum("tk,tn->kn", x, dy), jnp.tanh(x @ w)))
+    text = fn.lower(jnp.ones((t, k)), jnp.ones((t, n)), jnp.ones((k, n))).compile().as_text()
+    hlo = HloModule(text)
+    assert hlo.entry and hlo.entry.startswith("main")
+    library = hlo.library_dots()
+    assert [hlo.dot_flops(d) for d in library] == [2 * t * k * n]
+    fused = [name for name in hlo.body[hlo.entry] if hlo.kind(name) == "matmuls" and name not in library]
+    assert sum(hlo.dot_flops(name) for name in fused) == pytest.approx(2 * t * k * n)  # x @ w, in a fusion

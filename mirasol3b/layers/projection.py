@@ -20,12 +20,12 @@ from mirasol3b.layers.initializers import logical
 def matmul(x: jax.Array, kernel: jax.Array, num_input_axes: int = 1, precision=None) -> jax.Array:
     """`x [..., *in] . kernel [*in, *out] -> [..., *out]` as one 2-D product `[rows, in] @ [in, out]`.
 
-    Why 2-D: XLA:CPU canonicalises an N-D dot_general, and the weight gradient autodiff derives
-    from it (a contraction over every leading axis), with transposes of the activations, and runs
-    that gradient off its fast matmul path; from the 2-D form both products need no copy. The train
-    step at benchmarks/peer_train_step.py's scale is 1.07-1.13x faster on CPU. Reshaping the
-    leading axes into rows is free (row-major) and keeps their sharding; GPU and TPU flatten dots
-    this way themselves.
+    Why 2-D: XLA:CPU lowers the weight gradient autodiff derives from an N-D dot_general (a
+    contraction over every leading axis) with a transposed copy of the activations' gradient and
+    a slow form of its Eigen dot; from the 2-D form it is one plain `[rows, in]^T [rows, out]` dot.
+    The train step at benchmarks/peer_train_step.py's scale is 1.07-1.13x faster on CPU.
+    Reshaping the leading axes into rows is free (row-major) and keeps their sharding; GPU and
+    TPU run the same GEMMs either way.
     """
     in_dims, out_dims = kernel.shape[:num_input_axes], kernel.shape[num_input_axes:]
     if tuple(x.shape[x.ndim - num_input_axes:]) != tuple(in_dims):

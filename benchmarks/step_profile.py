@@ -201,15 +201,13 @@ def main() -> None:
         seconds = op_seconds(trace_dir, args.steps)
 
     hlo = HloModule(step.compiled.as_text())
-    known = {k: v for k, v in seconds.items() if k in hlo.opcode}
+    untimed = set(hlo.library_dots())
+    untimed_flops = sum(hlo.dot_flops(n) for n in untimed)
+    known = {k: v for k, v in seconds.items() if k in hlo.opcode and k not in untimed}
     total = sum(known.values())
     by_kind, flops_by_kind = collections.Counter(), collections.Counter()
     by_part = collections.defaultdict(collections.Counter)
-    untimed = set(hlo.library_dots())
-    untimed_flops = sum(hlo.dot_flops(n) for n in untimed)
     for name, s in known.items():
-        if name in untimed:
-            continue
         kind = hlo.kind(name)
         by_kind[kind] += s
         flops_by_kind[kind] += hlo.dot_flops(name)

@@ -71,7 +71,7 @@ def test_step_profile_counts_the_dot_flops_of_a_freshly_compiled_function():
     fn = jax.jit(lambda x, w: jnp.tanh(x @ w))
     text = fn.lower(jnp.ones((m, k)), jnp.ones((k, n))).compile().as_text()
     hlo = HloModule(text)
-    entry = hlo.body[next(c for c in hlo.body if c.startswith("main"))]
+    entry = hlo.body[hlo.entry]
     matmuls = [name for name in entry if hlo.kind(name) == "matmuls"]
     assert matmuls, f"no matmul found among {entry}"
     assert sum(hlo.dot_flops(name) for name in matmuls) == pytest.approx(2 * m * k * n)

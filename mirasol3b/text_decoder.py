@@ -8,8 +8,8 @@ from flax import linen as nn
 
 from mirasol3b.layers import TokenEmbedding, TransformerSpec, TransformerStack, masks
 from mirasol3b.layers.embeddings import lookup
-from mirasol3b.layers.initializers import default_kernel_init, embedding_init, logical
-from mirasol3b.layers.projection import Dense
+from mirasol3b.layers.initializers import embedding_init, logical
+from mirasol3b.layers.projection import dense
 
 # Tables are padded to a multiple of this so the vocab axis shards evenly over `tensor`; the
 # padding rows never reach the logits.
@@ -56,7 +56,6 @@ class TextDecoder(nn.Module):
         kv_mask = None if media_mask is None else masks.key_padding(media_mask)
         x = TransformerStack(s, cross_attention=True, name="transformer")(
             x, mask, media, kv_mask, cache_index, deterministic=deterministic, decode=decode)
-        logits = Dense(table_rows, use_bias=False, dtype=s.compute_dtype, param_dtype=s.weight_dtype,
-                       kernel_init=logical(default_kernel_init, ("embed", "vocab")), name="logits")(x)
+        logits = dense(table_rows, ("embed", "vocab"), s.compute_dtype, s.weight_dtype, "logits", use_bias=False)(x)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "tokens", "vocab"))
         return logits[..., :self.vocab_size]

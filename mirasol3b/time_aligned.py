@@ -7,15 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mirasol3b.layers import (
-    LearnedPositions,
-    TransformerSpec,
-    TransformerStack,
-    masks,
-    sinusoidal,
-)
-from mirasol3b.layers.initializers import default_kernel_init, logical
-from mirasol3b.layers.projection import Dense
+from mirasol3b.layers import LearnedPositions, TransformerSpec, TransformerStack, masks, sinusoidal
+from mirasol3b.layers.projection import dense
 
 
 def windowed_snippets(snippets: int, window: int) -> int:
@@ -41,10 +34,7 @@ class TimeAlignedModel(nn.Module):
     def __call__(self, latents: jax.Array, media_mask: jax.Array, *, deterministic: bool = True):
         b, t, m, latent_width = latents.shape
         s = self.spec
-        dense = lambda features, axes, name: Dense(  # noqa: E731
-            features, dtype=s.compute_dtype, param_dtype=s.weight_dtype, name=name,
-            kernel_init=logical(default_kernel_init, axes), bias_init=logical(nn.initializers.zeros, axes[1:]))
-        x = dense(s.width, ("mlp", "embed"), "input_projection")(latents)
+        x = dense(s.width, ("mlp", "embed"), s.compute_dtype, s.weight_dtype, "input_projection")(latents)
         x = LearnedPositions(m, param_dtype=s.weight_dtype, name="token_positions")(x)
         x = x + sinusoidal(jnp.arange(t), s.width)[None, :, None, :].astype(x.dtype)
         valid = media_mask.astype(bool)
@@ -64,6 +54,7 @@ class TimeAlignedModel(nn.Module):
             mask = masks.combine(masks.block_causal(t, m), masks.key_padding(token_valid))
         x = TransformerStack(s, self_attention_chunk=chunk, name="transformer")(x, mask, deterministic=deterministic)
         features = einops.rearrange(x, "b (t m) d -> b t m d", m=m)[:, :t]
-        predictions = dense(latent_width, ("embed", "mlp"), "prediction_head")(features)
+        head = dense(latent_width, ("embed", "mlp"), s.compute_dtype, s.weight_dtype, "prediction_head")
+        predictions = head(features)
         return (nn.with_logical_constraint(features, ("batch", "snippets", "tokens", "embed")),
                 predictions.astype(jnp.float32))

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mirasol3b.layers.initializers import default_kernel_init, embedding_init, logical
-from mirasol3b.layers.projection import Dense
+from mirasol3b.layers.initializers import embedding_init, logical
+from mirasol3b.layers.projection import dense
 
 
 class ModalityFusion(nn.Module):
@@ -35,9 +35,7 @@ class ModalityFusion(nn.Module):
         dropped = self._dropped(len(names), next(iter(tokens.values())).shape[0], deterministic)
         parts = []
         for i, name in enumerate(names):
-            x = Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_projection",
-                      kernel_init=logical(default_kernel_init, ("embed", "mlp")),
-                      bias_init=logical(nn.initializers.zeros, ("mlp",)))(tokens[name])
+            x = dense(self.width, ("embed", "mlp"), self.dtype, self.param_dtype, f"{name}_projection")(tokens[name])
             if dropped is not None:
                 x = jnp.where(dropped[:, i, None, None, None], jnp.zeros_like(x), x)
             kind = self.param(f"{name}_embedding", logical(embedding_init, ("embed",)), (self.width,),

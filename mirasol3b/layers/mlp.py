@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mirasol3b.layers.initializers import default_kernel_init, logical
-from mirasol3b.layers.projection import Dense
+from mirasol3b.layers.projection import dense
 
 
 class Mlp(nn.Module):
@@ -23,10 +22,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         out_features = self.out_features or x.shape[-1]
-        dense = lambda features, axes, name: Dense(  # noqa: E731
-            features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=logical(default_kernel_init, axes), bias_init=logical(nn.initializers.zeros, axes[1:]))
-        h = dense(self.hidden_dim, ("embed", "mlp"), "wi")(x)
+        h = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "wi")(x)
         h = nn.gelu(h)
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        return dense(out_features, ("mlp", self.output_axis), "wo")(h)
+        return dense(out_features, ("mlp", self.output_axis), self.dtype, self.param_dtype, "wo")(h)

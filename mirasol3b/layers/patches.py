@@ -8,8 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mirasol3b.layers.embeddings import LearnedPositions
-from mirasol3b.layers.initializers import default_kernel_init, logical
-from mirasol3b.layers.projection import Dense
+from mirasol3b.layers.projection import dense
 from mirasol3b.layers.spec import TransformerSpec
 from mirasol3b.layers.stack import TransformerStack
 
@@ -26,9 +25,8 @@ class PatchEmbedding(nn.Module):
     def __call__(self, patches: jax.Array) -> jax.Array:
         if patches.shape[-2] != self.num_tokens:
             raise ValueError(f"{self.name}: expected {self.num_tokens} patches, got {patches.shape[-2]}")
-        x = Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="projection",
-                  kernel_init=logical(default_kernel_init, ("patch", "embed")),
-                  bias_init=logical(nn.initializers.zeros, ("embed",)))(patches.astype(self.dtype))
+        projection = dense(self.width, ("patch", "embed"), self.dtype, self.param_dtype, "projection")
+        x = projection(patches.astype(self.dtype))
         return LearnedPositions(self.num_tokens, param_dtype=self.param_dtype, name="positions")(x)
 
 

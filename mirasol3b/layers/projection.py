@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mirasol3b.layers.initializers import logical
+from mirasol3b.layers.initializers import default_kernel_init, logical
 
 
 def matmul(x: jax.Array, kernel: jax.Array, num_input_axes: int = 1, precision=None) -> jax.Array:
@@ -46,6 +46,12 @@ class Dense(nn.Dense):
     """`nn.Dense` (same parameters, same names) contracting through `matmul`."""
 
     dot_general: Callable | None = dense_dot_general
+
+
+def dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str, use_bias: bool = True) -> Dense:
+    """`[..., in] -> [..., features]`: the kernel on logical `axes`, the bias (zeros) on `axes[1]`."""
+    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                 kernel_init=logical(default_kernel_init, axes), bias_init=logical(nn.initializers.zeros, axes[1:]))
 
 
 class Projection(nn.Module):

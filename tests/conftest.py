@@ -1,7 +1,9 @@
 """Every test runs on 8 fake CPU devices, so sharded code paths are exercised on one host."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 # Compiling is most of the suite's time: without LLVM's expensive passes (and XLA's backend
 # optimisation) compiles take ~40% less. The programs compute the same values; the speed of
@@ -9,6 +11,15 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for this run, shared by the xdist workers and the processes
+# the tests start (the demo's second run, resumed trainings): a program compiled twice in the run
+# (same HLO, same devices and flags) is read back instead. The process that creates it (pytest's
+# controller, before it starts the workers, who inherit the variable) removes it when the run ends.
+_OWNS_CACHE = "MIRASOL3B_TESTS_JAX_CACHE" not in os.environ
+if _OWNS_CACHE:
+    os.environ["MIRASOL3B_TESTS_JAX_CACHE"] = tempfile.mkdtemp(prefix="mirasol3b-tests-jax-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["MIRASOL3B_TESTS_JAX_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -21,3 +32,8 @@ import orbax.checkpoint as ocp  # noqa: E402
 # cost of the checkpoint tests on CPU. The files written are the same either way.
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
+def pytest_unconfigure(config):
+    if _OWNS_CACHE:
+        shutil.rmtree(os.environ["MIRASOL3B_TESTS_JAX_CACHE"], ignore_errors=True)

@@ -24,9 +24,10 @@ WANT_JEMALLOC := $(if $(filter system,$(ALLOCATOR)),,jemalloc)
 demo: $(STAMP) $(WANT_JEMALLOC)
 	TF_CPP_MIN_LOG_LEVEL=2 $(ON_ALLOCATOR) $(PY) -m mirasol3b.demo --config=configs/tiny.py --workdir=runs/demo
 
-# One pytest worker per core; a file stays on one worker so its module fixtures compile once.
+# One pytest worker per core; a file stays on one worker so its module fixtures compile once; the
+# slowest files go first (tests/conftest.py SLOW_FIRST).
 test: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # Speed and memory on this CPU (benchmarks/README.md); appends rows to benchmarks/RESULTS.md.
 bench: $(STAMP) $(WANT_JEMALLOC)

@@ -500,6 +500,8 @@ def _sharding_setup():
 
 def test_train_step_lowers_loss_on_sharded_mesh():
     cfg = make_config(scan_layers=True)  # the scanned layout: kernels carry a leading 'layers' axis
+    # Its own schedule: 20 steps must learn whatever learning rate configs/tiny.py trains at.
+    cfg.train.update(learning_rate=3e-3, warmup_steps=5, num_steps=20)
     model = Mirasol3B(cfg.model)
     batch = make_batch(cfg.model, TRAIN_BATCH, seed=5)
     mesh = sharding.make_mesh((2, 2, 2))
@@ -671,13 +673,13 @@ def test_latent_loss_decay_steps_take_the_latent_term_from_full_weight_to_zero_o
 
 def test_combiner_outputs_only_gives_the_same_model_outputs():
     """`model.combiner_outputs_only` changes the work, not the values (unrolled: the same params)."""
-    cfg, model, params, _ = _setup("transformer")
-    assert not cfg.model.combiner_outputs_only and not cfg.model.scan_layers
-    lean = Mirasol3B(make_config(VARIANTS["transformer"], combiner_outputs_only=True).model)
+    cfg, lean, params, _ = _setup("transformer")
+    assert cfg.model.combiner_outputs_only and not cfg.model.scan_layers
+    full = Mirasol3B(make_config(VARIANTS["transformer"], combiner_outputs_only=False).model)
     batch = make_batch(cfg.model)
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        params, nn.unbox(jax.eval_shape(lean.init, jax.random.key(0), batch)["params"]))
-    compiled = [jax.jit(m.apply).lower({"params": params}, batch).compile() for m in (model, lean)]
+        params, nn.unbox(jax.eval_shape(full.init, jax.random.key(0), batch)["params"]))
+    compiled = [jax.jit(m.apply).lower({"params": params}, batch).compile() for m in (full, lean)]
     want, got = (c({"params": params}, batch) for c in compiled)
     for key in ("logits", "latents", "predictions"):
         np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=1e-5, err_msg=key)

@@ -19,8 +19,11 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where everything is written.")
+
+def _define_flags():
+    """Defined only when run as a program, so tests and other programs can import this module."""
+    return (config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True),
+            flags.DEFINE_string("workdir", "runs/demo", "Where everything is written."))
 
 
 def build_dataset(config) -> None:
@@ -65,13 +68,13 @@ def answer_example_clip(config, workdir: str) -> dict:
     return {"clip": path, "question": qa.question, "reference": qa.answer, "prediction": predicted}
 
 
-def main(argv) -> None:
+def main(argv, flag_values) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mirasol3b import configlib, evaluate, sharding
     from mirasol3b.train import loop
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = (flag.value for flag in flag_values)
     if not config.data.tfds_data_dir:
         with config.unlocked():
             config.data.tfds_data_dir = os.path.abspath(os.path.join(workdir, "tfds"))
@@ -103,4 +106,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _FLAGS = _define_flags()
+    app.run(lambda argv: main(argv, _FLAGS))

@@ -15,8 +15,8 @@ so that all lengths see the same machine; a length's time relative to 128 frames
 the per-round ratios (each round's two steps ran seconds apart), as every benchmark here pairs
 what it compares. Twelve rounds: on the 2-core AMD machine one round's 512/128 ratio ranged
 3.7-4.6x for the TTM (and 3.1-4.3x for the Transformer) within one run, so six rounds' median
-moved by more than the target's margin from run to run. Memory is the compiled step's `memory_analysis()`:
-arguments + outputs - donated aliases + temporaries.
+moved by more than the target's margin from run to run. Memory is the compiled step's
+`memory_analysis()`: arguments + outputs - donated aliases + temporaries.
 
 Target: 512 frames costs at most 4.5x of 128 frames in time and in memory (linear is 4x), with
 the same parameter count at every length.

@@ -74,7 +74,8 @@ def main(argv, flag_values) -> None:
     from mirasol3b import configlib, evaluate, sharding
     from mirasol3b.train import loop
 
-    config, workdir = (flag.value for flag in flag_values)
+    config_flag, workdir_flag = flag_values
+    config, workdir = config_flag.value, workdir_flag.value
     if not config.data.tfds_data_dir:
         with config.unlocked():
             config.data.tfds_data_dir = os.path.abspath(os.path.join(workdir, "tfds"))

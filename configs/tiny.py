@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
     # With the joint readout, whichever modality the answers first profit from (video here) takes
     # the Combiner's outputs: with "first colour" and "last pitch" questions mixed, "last pitch"
     # stayed at chance for 400 steps (learnt in 200 when asked alone); per modality: 0.9 at 300.
-    config.model.combiner_readout = "per_modality"
+    config.model.combiner_readout = "joint" if args.ttm else "per_modality"  # (the TTM reads by TokenLearner)
     # At weight 1 the latent loss (either kind) trains the tiny encoders faster than the answers do
     # and no question got past chance in 600 steps; at 0.1 "first colour" is learnt in 100.
     config.loss.latent_loss_weight = 0.1

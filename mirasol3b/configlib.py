@@ -354,6 +354,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.attention_impl != "cudnn" or fused_attention_fits(m.dtype, m.dropout_rate), "model.attention_impl",
              "'xla' unless model.dtype is bfloat16/float16 and model.dropout_rate is 0 (cuDNN's fused kernel)",
              m.attention_impl)
+    _require(m.combiner_readout == "joint" or m.combiner == "transformer", "model.combiner_readout",
+             "'joint' with model.combiner 'ttm' (the TTM Combiner reads its outputs through TokenLearner; "
+             "'per_modality' is the Transformer Combiner's)", m.combiner_readout)
     _require(config.data.text_length <= m.text_decoder.max_length, "data.text_length",
              f"<= model.text_decoder.max_length ({m.text_decoder.max_length})", config.data.text_length)
     _require(config.train.warmup_steps <= config.train.num_steps, "train.warmup_steps",

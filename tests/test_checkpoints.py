@@ -268,7 +268,7 @@ def test_corrupt_latest_falls_back_and_is_never_overwritten(tmp_path, caplog):
 
 def test_init_from_names_mismatches_and_loads_params_only(tmp_path):
     source = run(str(tmp_path / "pretrain"), 2).state
-    new = setup(combiner="ttm", vocab_size=400)  # other combiner params; a bigger vocabulary
+    new = setup(combiner="ttm", combiner_readout="joint", vocab_size=400)  # other combiner params; more vocabulary
     target = checkpoints.with_shardings(new.abstract.params, new.shardings.params)
     with pytest.raises(checkpoints.CheckpointMismatchError) as err:
         checkpoints.load_params_for_finetuning(str(tmp_path / "pretrain"), target)

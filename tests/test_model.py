@@ -602,6 +602,7 @@ BAD_CONFIGS = {
     "modality_dropout_over_half": (_set("model.modality_dropout", 0.6), "model.modality_dropout"),
     "unknown_attention_impl": (_set("model.attention_impl", "flash"), "model.attention_impl"),
     "cudnn_attention_in_float32": (_set("model.attention_impl", "cudnn"), "model.attention_impl"),  # tiny is f32
+    "per_modality_readout_with_ttm": (_set("model.combiner", "ttm"), "model.combiner_readout"),  # tiny: per_modality
 }
 
 

@@ -106,8 +106,11 @@ def decoder_step(model: Mirasol3B, params, cache, tokens: jax.Array, positions: 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Keeps the top-k tokens and the smallest set whose probability reaches top_p; others -> -inf."""
     if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, NEG_INF, logits)
+        # Exactly k (the lowest ids among ties): a threshold on the k-th value would keep every
+        # token tied with it, and bf16 logits tie often; top_k=1 must be greedy.
+        chosen = jax.lax.top_k(logits, top_k)[1]
+        keep = jnp.any(chosen[..., None] == jnp.arange(logits.shape[-1]), axis=-2)
+        logits = jnp.where(keep, logits, NEG_INF)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)

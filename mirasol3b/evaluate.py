@@ -80,12 +80,26 @@ def generate_fn(config: ml_collections.ConfigDict, decode: decoding.DecodeConfig
     return _GENERATE_FNS[key]
 
 
-def _local_rows(x) -> np.ndarray:
-    """This process's rows of a batch-sharded result, in the order it passed them in."""
-    if getattr(x, "is_fully_addressable", True):
+def _row_range(shard, rows: int) -> tuple[int, int]:
+    start, stop, _ = shard.index[0].indices(rows)
+    return start, stop
+
+
+def local_rows(x, like) -> np.ndarray:
+    """This process's rows of the global result `x`: the rows of `like` (the global input it
+    came from) this process fed in, in order, however XLA sharded `x` (by rows or replicated)."""
+    if getattr(like, "is_fully_addressable", True):
         return np.asarray(x)
-    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas of a range are equal
-    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+    rows = like.shape[0]
+    out = []
+    for start, stop in sorted({_row_range(s, rows) for s in like.addressable_shards}):
+        shard = next((s for s in x.addressable_shards
+                      if _row_range(s, rows)[0] <= start and stop <= _row_range(s, rows)[1]), None)
+        if shard is None:
+            raise ValueError(f"rows {start}:{stop} of the result live on no device of process {jax.process_index()}")
+        first = _row_range(shard, rows)[0]
+        out.append(np.asarray(shard.data)[start - first:stop - first])
+    return np.concatenate(out)
 
 
 def generate_tokens(config: ml_collections.ConfigDict, params, batch: dict, mesh: jax.sharding.Mesh | None = None,
@@ -102,7 +116,7 @@ def generate_tokens(config: ml_collections.ConfigDict, params, batch: dict, mesh
     with in_mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         if mesh is not None:
             inputs = global_batch(inputs, mesh)
-        return _local_rows(generate(params, inputs, rng)["tokens"])
+        return local_rows(generate(params, inputs, rng)["tokens"], inputs["prompts"])
 
 
 def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh | None = None, *,

@@ -121,6 +121,33 @@ def test_metrics_on_controlled_predictions(monkeypatch):
     assert evaluate.evaluate(cfg, None, max_batches=1)["num_examples"] == 4
 
 
+class _Shard:
+    def __init__(self, data, rows: slice):
+        self.data, self.index = data, (rows, slice(None))
+
+
+class _GlobalArray:
+    """What a process sees of an array that spans other processes' devices too."""
+    is_fully_addressable = False
+
+    def __init__(self, shape, shards):
+        self.shape, self.addressable_shards = shape, shards
+
+
+def test_local_rows_are_the_rows_this_process_fed_whatever_the_result_sharding():
+    # Process 1 of 2 fed rows 4:8 of an 8-row batch, over two of its devices (4:6, 6:8).
+    fed = _GlobalArray((8, 3), [_Shard(None, slice(4, 6)), _Shard(None, slice(6, 8))])
+    tokens = np.arange(8 * 5).reshape(8, 5)
+    by_rows = _GlobalArray((8, 5), [_Shard(tokens[4:6], slice(4, 6)), _Shard(tokens[6:8], slice(6, 8))])
+    replicated = _GlobalArray((8, 5), [_Shard(tokens, slice(None)), _Shard(tokens, slice(None))])
+    coarser = _GlobalArray((8, 5), [_Shard(tokens[4:8], slice(4, 8))])
+    for result in (by_rows, replicated, coarser):
+        np.testing.assert_array_equal(evaluate.local_rows(result, fed), tokens[4:8])
+    elsewhere = _GlobalArray((8, 5), [_Shard(tokens[:4], slice(0, 4))])
+    with pytest.raises(ValueError, match="rows 4:6"):
+        evaluate.local_rows(elsewhere, fed)
+
+
 def test_missing_checkpoint_names_the_workdir(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         evaluate.config_from_workdir(str(tmp_path))

@@ -7,6 +7,7 @@ they live on the mesh `('data', 'fsdp', 'tensor')`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -80,6 +81,32 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> jax.sharding.NamedShar
     """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), LOGICAL_AXIS_RULES)
     return jax.sharding.NamedSharding(mesh, spec)
+
+
+def batch_blocks_spanning_processes(process_grid: np.ndarray) -> dict[int, list[int]]:
+    """Batch blocks (one per data x fsdp position, in row order) whose devices belong to more than
+    one process -> those processes. `process_grid`: each mesh device's process, `[data, fsdp, tensor]`."""
+    blocks = np.asarray(process_grid).reshape(-1, process_grid.shape[-1])
+    return {i: sorted({int(p) for p in row}) for i, row in enumerate(blocks) if len(set(row.tolist())) > 1}
+
+
+@functools.cache
+def check_batch_split(mesh: jax.sharding.Mesh) -> None:
+    """Raises unless every block of the batch lives on one process's devices.
+
+    Each process feeds its own rows (`jax.make_array_from_process_local_data`). A block held by
+    two processes would take both hosts' different rows as one replicated block, silently: the
+    global batch shrinks and the "replicas" differ. That happens when a `tensor` group spans hosts.
+    """
+    shared = batch_blocks_spanning_processes(np.vectorize(lambda d: d.process_index)(mesh.devices))
+    if shared:
+        block, processes = next(iter(shared.items()))
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: batch block {block} (of data x fsdp = "
+            f"{mesh.shape['data'] * mesh.shape['fsdp']}) lives on devices of processes {processes}, but each "
+            f"process reads its own rows: every tensor group must sit on one host "
+            f"({jax.local_device_count()} devices here), so make config.mesh_shape's tensor axis at most that "
+            f"and a divisor of it")
 
 
 def gather_json(value) -> list:

@@ -71,6 +71,29 @@ def test_decide_names_the_bad_flag(kwargs, match):
         distributed.decide(**{"environ": {}, **kwargs})
 
 
+class _Device:
+    def __init__(self, process_index: int):
+        self.process_index = process_index
+
+
+class _Mesh:
+    def __init__(self, process_grid):
+        self.devices = np.vectorize(_Device)(np.asarray(process_grid))
+        self.shape = dict(zip(sharding.MESH_AXES, self.devices.shape))
+
+
+def test_a_batch_block_spanning_hosts_is_refused():
+    # Two hosts of 4 devices. Tensor groups within a host: each block has one reader.
+    assert sharding.batch_blocks_spanning_processes(np.array([[[0] * 4], [[1] * 4]])) == {}
+    assert sharding.batch_blocks_spanning_processes(np.array([[[0, 0], [0, 0]], [[1, 1], [1, 1]]])) == {}
+    # One tensor group over all 8 devices (mesh_shape (1, 1, -1)): both hosts' rows would be one block.
+    spanning = np.array([[[0, 0, 0, 0, 1, 1, 1, 1]]])
+    assert sharding.batch_blocks_spanning_processes(spanning) == {0: [0, 1]}
+    with pytest.raises(ValueError, match=r"batch block 0 .* processes \[0, 1\].*tensor axis"):
+        sharding.check_batch_split(_Mesh(spanning))
+    sharding.check_batch_split(sharding.make_mesh((2, 2, 2)))  # one process: nothing to refuse
+
+
 def test_main_refuses_contradictory_flags_before_starting_anything(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mirasol3b.main", "--config=configs/tiny.py",
                            f"--workdir={tmp_path}", "--distributed=off", "--coordinator_address=h:1"],

@@ -51,6 +51,7 @@ def model_batch(batch: dict, config: ml_collections.ConfigDict, keys: tuple[str,
 
 def global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
     """Host arrays -> global arrays sharded over the data axes (each process passes its own rows)."""
+    sharding.check_batch_split(mesh)
     return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in batch.items()}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -122,6 +123,16 @@ def test_corrupt_record_and_half_written_steps_in_a_gs_workdir(fake_bucket):
     (run / "checkpoints" / "3.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
     assert checkpointer._half_written() == {3: f"{WORKDIR}/checkpoints/3.orbax-checkpoint-tmp"}
     assert checkpointer.maybe_save(3, {}, {}) is False and "3.orbax-checkpoint-tmp" in checkpointer.problems[0]
+    # What Orbax really leaves on a bucket: it writes a step in place and commits it by writing
+    # commit_success.txt last. Without that file the step is half-written, not a step.
+    (run / "checkpoints" / "5" / "state").mkdir(parents=True)
+    (run / "checkpoints" / "4" / "state").mkdir(parents=True)
+    (run / "checkpoints" / "4" / "commit_success.txt").write_text("committed")
+    assert checkpointer._half_written() == {3: f"{WORKDIR}/checkpoints/3.orbax-checkpoint-tmp",
+                                            5: f"{WORKDIR}/checkpoints/5"}
+    assert checkpointer.all_steps() == [4]
+    for step in ("4", "5"):
+        shutil.rmtree(run / "checkpoints" / step)
     checkpointer.corrupt[7] = "test"
     checkpointer._write_record()
     checkpointer.close()

@@ -69,6 +69,7 @@ from mirasol3b import sharding
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
 CORRUPT_RECORD = "corrupt_checkpoints.json"
 _TMP_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+_COMMIT_FILE = "commit_success.txt"  # Orbax writes it last into every step it finalizes
 
 
 class CheckpointMismatchError(ValueError):
@@ -321,16 +322,20 @@ class Checkpointer:
         self.problems.append(message)
 
     def _half_written(self) -> dict[int, str]:
-        """step -> path of Orbax temporary directories (a save that never finished)."""
+        """step -> path of a save that never finished: an Orbax temporary directory (local disks,
+        which rename on commit) or a step directory without Orbax's commit file (`gs://`, where
+        Orbax writes in place and commits by writing that file last)."""
         directory = epath.Path(self.directory)
         try:
             names = [p.name for p in directory.iterdir()] if directory.exists() else []
         except FileNotFoundError:
             return {}
-        found = {}
+        found, finalized = {}, set(self._manager.all_steps())
         for name in names:
             if m := _TMP_STEP.match(name):
                 found[int(m.group(1))] = os.fspath(directory / name)
+            elif name.isdigit() and int(name) not in finalized and not (directory / name / _COMMIT_FILE).exists():
+                found[int(name)] = os.fspath(directory / name)
         return found
 
     def latest_step(self) -> int | None:

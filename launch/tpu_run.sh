@@ -5,6 +5,7 @@
 #       [--create TYPE --version V] [--repo URL --git-ref REF] [--env K=V ...]
 #       [--log-dir DIR] [--num-workers N] [--remote-dir DIR] [--venv DIR] [--python PY]
 #       [--skip-copy] [--skip-install] -- COMMAND ARGS...
+#   launch/tpu_run.sh --tpu NAME --zone ZONE [--project P] [--log-dir DIR] --attach JOB
 #
 # Steps (each a gcloud command; --dry-run prints them, shell-quoted, and runs none):
 #   1. with --create: create the TPU VM;
@@ -18,16 +19,23 @@
 #   5. start COMMAND on all workers together, one ssh per worker (JAX on a pod slice needs every
 #      host to run the program; jax.distributed finds the others by itself), with the --env
 #      variables exported; each worker's output goes to LOG_DIR/worker-I.log (worker 0's is
-#      also shown here); exits non-zero, naming the workers, when any fails.
+#      also shown here); exits with the status of the first worker that fails, naming them.
 #
 # COMMAND runs in --remote-dir with the virtualenv active. Its arguments reach it unchanged:
 # the remote command line is built with every word quoted, so spaces, quotes, `$` and
 # backslashes are not re-interpreted by the remote shell.
+#
+# On each worker COMMAND runs detached from the ssh session, as job JOB (the name of LOG_DIR):
+# its output goes to ~/tpu_run_logs/JOB/output.log there, and its pid and exit status to pid and
+# exit_status beside it; the ssh only follows that log. So Ctrl-C or a lost connection stops
+# the following, not the job: --attach JOB follows it again (from the start of its log) and
+# exits with its status; the script prints the command that stops it.
 set -euo pipefail
 
 readonly PROG=tpu_run
 readonly TPU_VM=(compute tpus tpu-vm)
 readonly REMOTE_ARCHIVE=tpu_run_code.tar.gz  # in the remote home, deleted once unpacked
+readonly REMOTE_JOBS=tpu_run_logs  # in the remote home: one folder per job, kept
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
 
@@ -52,6 +60,8 @@ Options:
   --python PY        interpreter for the virtualenv (default python3.11; apt-installed if absent)
   --skip-copy        use the code already in --remote-dir on the workers
   --skip-install     do not run pip on the workers (reuse --venv as it is)
+  --attach JOB       follow job JOB, already started, instead (no steps 1-4, no COMMAND);
+                     its logs go to runs/tpu_logs/JOB unless --log-dir says
 EOF
 }
 
@@ -104,7 +114,7 @@ run() {
 # ---------------------------------------------------------------------------- arguments
 dry_run=0 tpu="" zone="" project="" accel_type="" version="" repo="" git_ref=""
 log_dir="" num_workers="" remote_dir=mirasol3b venv=mirasol3b-venv python=python3.11
-skip_copy=0 skip_install=0 have_command=0
+skip_copy=0 skip_install=0 have_command=0 attach=""
 envs=()
 
 need_value() {  # OPTION REMAINING_ARG_COUNT [VALUE]; no value of ours starts with --
@@ -122,7 +132,7 @@ while (($#)); do
     --skip-copy) skip_copy=1 ;;
     --skip-install) skip_install=1 ;;
     --tpu | --zone | --project | --create | --version | --repo | --git-ref | --env | --log-dir | \
-      --num-workers | --remote-dir | --venv | --python)
+      --num-workers | --remote-dir | --venv | --python | --attach)
       need_value "$1" $# "${2-}"
       case $1 in
         --tpu) tpu=$2 ;;
@@ -138,6 +148,7 @@ while (($#)); do
         --remote-dir) remote_dir=$2 ;;
         --venv) venv=$2 ;;
         --python) python=$2 ;;
+        --attach) attach=$2 ;;
       esac
       shift ;;
     *) die_usage "unknown argument '$1' (the command goes after '--')" ;;
@@ -145,8 +156,17 @@ while (($#)); do
   shift
 done
 
-((have_command)) || die_usage "missing '--' before the command to run"
-(($#)) || die_usage "no command after '--'"
+if [[ -n $attach ]]; then
+  (($# == 0)) || die_usage "--attach follows a job already started: no command"
+  if [[ -n $accel_type || -n $repo || ${#envs[@]} -gt 0 ]]; then
+    die_usage "--attach takes none of --create, --repo, --env"
+  fi
+  [[ $attach =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || die_usage "--attach wants a job name, got '$attach'"
+  skip_copy=1 skip_install=1
+else
+  ((have_command)) || die_usage "missing '--' before the command to run"
+  (($#)) || die_usage "no command after '--'"
+fi
 [[ -n $tpu ]] || die_usage "--tpu NAME is required"
 [[ -n $zone ]] || die_usage "--zone ZONE is required"
 if [[ -n $accel_type && -z $version ]]; then die_usage "--create needs --version (the TPU runtime)"; fi
@@ -173,8 +193,18 @@ where=("--zone=$zone")
 [[ -z $project ]] || where+=("--project=$project")
 
 if [[ -z $log_dir ]]; then
-  log_dir="$REPO_ROOT/runs/tpu_logs/$tpu-$(date +%Y%m%d-%H%M%S)"
+  log_dir="$REPO_ROOT/runs/tpu_logs/${attach:-$tpu-$(date +%Y%m%d-%H%M%S)}"
 fi
+# The job is named after the log folder, so that its local and remote logs are easy to pair
+# and a dry run names the same job as the real run; made safe as one path component.
+job=$attach
+if [[ -z $job ]]; then
+  job=${log_dir%/}
+  job=${job##*/}
+  job=${job//[^A-Za-z0-9_.-]/_}
+  [[ $job =~ ^[A-Za-z0-9_] ]] || job=_$job
+fi
+job_dir=$REMOTE_JOBS/$job
 
 # ---------------------------------------------------------------------------- remote scripts
 # Run as `bash -c SCRIPT tpu_run ARGS` so values arrive as positional parameters, not text.
@@ -188,8 +218,10 @@ case $venv in /*) ;; *) venv=$HOME/$venv ;; esac
 if ! command -v "$python" >/dev/null 2>&1; then
   # TPU VM images are Ubuntu 22.04 with python3.10; this package needs 3.11.
   echo "$(hostname): installing $python with apt"
-  sudo apt-get update -qq
-  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$python" "$python-venv"
+  # Wait for the dpkg lock: on a new VM unattended-upgrades holds it for minutes after boot.
+  sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
+  sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    "$python" "$python-venv"
 fi
 if [ ! -x "$venv/bin/python" ]; then "$python" -m venv "$venv"; fi
 cd "$code_dir"
@@ -226,17 +258,60 @@ echo "$(hostname): $(git -C "$3" rev-parse HEAD)"
 EOF
 readonly CLONE_SCRIPT
 
-# The command each worker runs: activate the virtualenv, go to the code, export the
-# variables, run COMMAND. Every value is quoted, so the remote shell gives COMMAND exactly
-# the argv given here.
-run_line="cd && . $(quote "$venv")/bin/activate && cd $(quote "$remote_dir")"
-if ((${#envs[@]})); then
-  run_line+=" && export"
-  for kv in "${envs[@]}"; do
-    run_line+=" ${kv%%=*}=$(quote "${kv#*=}")"
+# $1 job folder (relative to the home); $2 the command line to start there as a new job, or
+# none to follow the job already there. Prints the job's output as it comes (from the start of
+# its log) and exits with the job's status.
+read -r -d '' JOB_SCRIPT <<'EOF' || true
+set -euo pipefail
+job=$HOME/$1
+if [ $# -ge 2 ]; then
+  if [ -s "$job/pid" ] && [ ! -e "$job/exit_status" ] && kill -0 "$(cat "$job/pid")" 2>/dev/null; then
+    echo "$(hostname): job ~/$1 is still running (pid $(cat "$job/pid")); stop it first" >&2
+    exit 1
+  fi
+  mkdir -p "$job"
+  rm -f "$job/output.log" "$job/pid" "$job/exit_status"
+  # A session of its own, holding none of the pipes of the ssh: when the connection goes
+  # (laptop asleep, Wi-Fi, Ctrl-C) the job gets no hangup and its prints no broken pipe. Its
+  # shell traps TERM so that a stop still records the status.
+  setsid nohup bash -c 'echo $$ >"$1/pid"; trap : TERM; eval "$2"; echo $? >"$1/exit_status.tmp"
+mv "$1/exit_status.tmp" "$1/exit_status"' tpu_run "$job" "$2" >"$job/output.log" 2>&1 </dev/null &
+  tries=0
+  until [ -s "$job/pid" ]; do
+    tries=$((tries + 1))
+    if [ "$tries" -gt 300 ]; then echo "$(hostname): job ~/$1 did not start" >&2; exit 1; fi
+    sleep 0.1
   done
+elif [ ! -s "$job/pid" ]; then
+  echo "$(hostname): no job ~/$1 here" >&2
+  exit 1
 fi
-run_line+=" && $(quote_words "${command_argv[@]}")"
+tail -n +1 -F --pid="$(cat "$job/pid")" "$job/output.log"
+if [ -s "$job/exit_status" ]; then exit "$(cat "$job/exit_status")"; fi
+echo "$(hostname): job ~/$1 ended without an exit status (killed?)" >&2
+exit 1
+EOF
+readonly JOB_SCRIPT
+
+# The command line each worker's job runs: activate the virtualenv, go to the code, export
+# the variables, run COMMAND. Every value is quoted, so the remote shell gives COMMAND exactly
+# the argv given here.
+job_args=("$job_dir")
+if [[ -z $attach ]]; then
+  run_line="cd && . $(quote "$venv")/bin/activate && cd $(quote "$remote_dir")"
+  if ((${#envs[@]})); then
+    run_line+=" && export"
+    for kv in "${envs[@]}"; do
+      run_line+=" ${kv%%=*}=$(quote "${kv#*=}")"
+    done
+  fi
+  run_line+=" && $(quote_words "${command_argv[@]}")"
+  job_args+=("$run_line")
+fi
+remote_command=$(quote_words bash -c "$JOB_SCRIPT" "$PROG" "${job_args[@]}")
+attach_command=$(quote_words "$0" --tpu "$tpu" "${where[@]}" --attach "$job")
+stop_command=$(quote_words gcloud "${TPU_VM[@]}" ssh "$tpu" "${where[@]}" --worker=all \
+  "--command=[ -e $job_dir/exit_status ] || kill -TERM -- -\$(cat $job_dir/pid)")
 
 # ---------------------------------------------------------------------------- 1. create
 if [[ -n $accel_type ]]; then
@@ -298,7 +373,7 @@ fi
 # One ssh per worker rather than one --worker=all: each worker then has its own log file and
 # its own exit status, so a failure says which worker it was.
 ssh_worker() {  # WORKER
-  gcloud "${TPU_VM[@]}" ssh "$tpu" "${where[@]}" "--worker=$1" "--command=$run_line"
+  gcloud "${TPU_VM[@]}" ssh "$tpu" "${where[@]}" "--worker=$1" "--command=$remote_command"
 }
 
 if ((dry_run)); then
@@ -307,11 +382,11 @@ if ((dry_run)); then
   if [[ -n $num_workers ]]; then
     for ((i = 0; i < num_workers; i++)); do
       printf '%s >%s 2>&1 &\n' "$(quote_words gcloud "${TPU_VM[@]}" ssh "$tpu" "${where[@]}" \
-        "--worker=$i" "--command=$run_line")" "$(quote "$log_dir/worker-$i.log")"
+        "--worker=$i" "--command=$remote_command")" "$(quote "$log_dir/worker-$i.log")"
     done
   else  # the count is what the describe above prints
     printf '%s >%s 2>&1 &\n' "$(quote_words gcloud "${TPU_VM[@]}" ssh "$tpu" "${where[@]}" \
-      "--worker=I" "--command=$run_line")" "$(quote "$log_dir/worker-I.log")"
+      "--worker=I" "--command=$remote_command")" "$(quote "$log_dir/worker-I.log")"
     echo "# (one line per worker I = 0 .. N-1, N from the describe command above)"
   fi
   echo "wait"
@@ -319,15 +394,25 @@ if ((dry_run)); then
 fi
 
 mkdir -p "$log_dir"
-say "running on $num_workers worker(s) of $tpu: $(quote_words "${command_argv[@]}")"
-say "logs: $log_dir/worker-I.log (worker 0 shown here)"
+if [[ -n $attach ]]; then
+  say "following job $job on $num_workers worker(s) of $tpu"
+else
+  say "running on $num_workers worker(s) of $tpu, as job $job: $(quote_words "${command_argv[@]}")"
+fi
+say "logs: $log_dir/worker-I.log (worker 0 shown here); on each worker ~/$job_dir/output.log"
+say "the job does not stop with this script (Ctrl-C, lost connection); follow it again with:"
+say "  $attach_command"
+say "stop it with:"
+say "  $stop_command"
 # Job control gives each worker's job its own process group, so that Ctrl-C (which then reaches
 # only this script) can stop a whole job, gcloud and the ssh it started; without it background
 # jobs ignore SIGINT. Their stdin is /dev/null: a background job reading the terminal would stop.
 set -m
 pids=()
 stop_workers() {
-  say "interrupted; closing the ssh sessions (see launch/README.md to stop the remote processes)"
+  say "interrupted; the job goes on on the workers (README.md, \"Later runs, logs, stopping\")."
+  say "follow it again: $attach_command"
+  say "stop it: $stop_command"
   for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
   exit 130
 }
@@ -342,8 +427,8 @@ for ((i = 0; i < num_workers; i++)); do
 done
 
 # `wait PID` gives that job's status (for worker 0 the { ... | tee } group's, which pipefail
-# makes the ssh's rather than tee's).
-failed=()
+# makes the ssh's rather than tee's): the remote job's, or ssh's 255.
+failed=() first_status=0
 for ((i = 0; i < num_workers; i++)); do
   if wait "${pids[i]}"; then
     status=0
@@ -352,12 +437,13 @@ for ((i = 0; i < num_workers; i++)); do
   fi
   if ((status != 0)); then
     failed+=("$i")
+    ((first_status)) || first_status=$status
     say "worker $i failed (exit $status); its log: $log_dir/worker-$i.log"
   fi
 done
 
 if ((${#failed[@]})); then
   say "FAILED on worker(s) ${failed[*]} of $num_workers; logs in $log_dir"
-  exit 1
+  exit "$first_status"
 fi
 say "all $num_workers worker(s) succeeded; logs in $log_dir"

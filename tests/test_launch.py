@@ -14,9 +14,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ SCRIPT = ROOT / "launch" / "tpu_run.sh"
 TPU_VM = ["compute", "tpus", "tpu-vm"]
 
 FAKE_GCLOUD = r'''
-import json, os, shutil, subprocess, sys
+import json, os, shutil, signal, subprocess, sys
 
 argv = sys.argv[1:]
 with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:  # one write per call: workers call at once
@@ -73,6 +75,20 @@ if verb == "ssh":
             status = 255
             continue
         env = dict(os.environ, HOME=home(i), FAKE_WORKER=str(i))
+        drop = os.environ.get("FAKE_GCLOUD_DROP_AFTER")
+        if drop and flags["worker"] != "all":
+            # The connection goes after DROP seconds: sshd hangs up the session it started.
+            session = subprocess.Popen(["bash", "-c", flags["command"]], cwd=home(i), env=env,
+                                       start_new_session=True)
+            try:
+                session.wait(timeout=float(drop))
+            except subprocess.TimeoutExpired:
+                os.killpg(session.pid, signal.SIGHUP)
+                session.wait()
+                print(f"Connection to worker {i} closed by remote host.", file=sys.stderr)
+                sys.exit(255)
+            status = status or session.returncode
+            continue
         done = subprocess.run(["bash", "-c", flags["command"]], cwd=home(i), env=env)
         status = status or done.returncode
     sys.exit(status)
@@ -99,6 +115,26 @@ with open(os.environ["FAKE_PIP_LOG"], "a") as f:
 os.chmod(python, 0o755)
 '''
 
+# `sudo [VAR=value] CMD...` runs CMD as is.
+FAKE_SUDO = r'''
+import os, sys
+os.execvp("env", ["env", *sys.argv[1:]])
+'''
+
+# apt-get, on a VM whose unattended-upgrades holds the dpkg lock: fails unless told to wait for
+# it; `install PYTHON PYTHON-venv` puts the fake python3.11 in place as PYTHON.
+FAKE_APT_GET = r'''
+import json, os, shutil, sys
+argv = sys.argv[1:]
+with open(os.environ["FAKE_APT_LOG"], "a") as f:
+    f.write(json.dumps(argv) + "\n")
+if "DPkg::Lock::Timeout=600" not in argv:
+    sys.exit("E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 1234 (unattended-upgr)")
+if "install" in argv:
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copy(os.path.join(here, "python3.11"), os.path.join(here, argv[-2]))
+'''
+
 # The user's command: records the argv and environment it received, prints to both streams.
 DUMP = r'''
 import json, os, sys
@@ -115,6 +151,17 @@ TRICKY_ARGS = [
     "two words", "it's", 'say "hi"', "$HOME", "${PATH}", "back\\slash", "", "*", "line\nbreak",
     "; touch pwned", "$(touch pwned)", "`touch pwned`", "--flag=a b", "A=1", "~", "-",
 ]
+
+
+# A long command: prints, sleeps SLEEP seconds, prints again, leaves a marker and exits 7.
+SLOW = r'''
+import os, sys, time
+print("started", flush=True)
+time.sleep(float(os.environ["SLEEP"]))
+print("finished", flush=True)
+open(os.path.join(os.environ["HOME"], "finished"), "w").close()
+sys.exit(7)
+'''
 
 
 def _write_program(path: Path, source: str):
@@ -167,14 +214,22 @@ class Fake:
         self.pip_file = tmp / "pip_calls.jsonl"
         self.logs = tmp / "logs"
 
-    def run(self, *args, workers=2, **env) -> subprocess.CompletedProcess:
+    def env(self, workers, **env) -> dict:
         full_env = dict(os.environ, PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}",
                         FAKE_GCLOUD_LOG=str(self.calls_file), FAKE_GCLOUD_SANDBOX=str(self.sandbox),
                         FAKE_GCLOUD_WORKERS=str(workers), FAKE_PIP_LOG=str(self.pip_file),
                         GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, **env)
         full_env.pop("VIRTUAL_ENV", None)
-        return subprocess.run(["bash", str(self.repo / "launch" / "tpu_run.sh"), *args], env=full_env,
+        return full_env
+
+    def run(self, *args, workers=2, **env) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(self.repo / "launch" / "tpu_run.sh"), *args], env=self.env(workers, **env),
                               cwd=self.tmp, capture_output=True, text=True, timeout=120)
+
+    def shell(self, line: str, workers=2, **env) -> subprocess.CompletedProcess:
+        """Runs a command line the script printed (for the user to paste)."""
+        return subprocess.run(["bash", "-c", line], env=self.env(workers, **env), cwd=self.tmp,
+                              capture_output=True, text=True, timeout=120)
 
     def calls(self) -> list[list[str]]:
         if not self.calls_file.exists():
@@ -268,6 +323,10 @@ def test_full_run_creates_copies_installs_and_runs_on_every_worker(fake):
         log = (fake.logs / f"worker-{i}.log").read_text()
         assert f"hello from worker {i}" in log and f"complaint from worker {i}" in log
         assert all(f"from worker {j}" not in log for j in range(3) if j != i)
+        # The job ran detached, with its own log and status on the worker.
+        job = home / "tpu_run_logs" / "logs"
+        assert f"hello from worker {i}" in (job / "output.log").read_text()
+        assert (job / "exit_status").read_text() == "0\n"
     assert "hello from worker 0" in result.stdout and "hello from worker 1" not in result.stdout
     assert "all 3 worker(s) succeeded" in result.stderr
 
@@ -310,7 +369,7 @@ def test_git_ref_clones_the_ref_on_every_worker(fake):
 def test_failing_command_names_the_worker_and_fails(fake):
     result = fake.run("--tpu", "t", "--zone", "z", "--log-dir", str(fake.logs), "--env", "EXIT_ON_1=3",
                       "--", *_user_command(), workers=3)
-    assert result.returncode != 0
+    assert result.returncode == 3  # the job's status, not just "failed"
     assert "worker 1 failed (exit 3)" in result.stderr
     assert "FAILED on worker(s) 1 of 3" in result.stderr
     for i in range(3):  # every worker ran, and each kept its own log
@@ -397,10 +456,14 @@ def test_dry_run_output_is_the_real_run(fake):
 def test_dry_run_lines_are_shell_words(fake):
     dry = fake.run("--dry-run", "--tpu", "t", "--zone", "z", "--num-workers", "1", "--skip-copy", "--skip-install",
                    "--log-dir", str(fake.logs), "--", "echo", "a b", "it's")
-    (line,) = [ln for ln in dry.stdout.splitlines() if ln.startswith("gcloud")]
-    words = shlex.split(line)
+    # The one command (its remote script spans lines) between the comment and `wait`.
+    command = dry.stdout[dry.stdout.index("\ngcloud") + 1:dry.stdout.rindex("\nwait")]
+    words = shlex.split(command)
     assert words[:8] == ["gcloud", *TPU_VM, "ssh", "t", "--zone=z", "--worker=0"]
-    assert words[8] == "--command=cd && . mirasol3b-venv/bin/activate && cd mirasol3b && echo 'a b' 'it'\\''s'"
+    assert words[8].startswith("--command=")
+    remote = shlex.split(words[8][len("--command="):])
+    assert remote[:2] == ["bash", "-c"] and remote[3:5] == ["tpu_run", "tpu_run_logs/logs"]
+    assert remote[5:] == ["cd && . mirasol3b-venv/bin/activate && cd mirasol3b && echo 'a b' 'it'\\''s'"]
     assert words[9:] == [f">{fake.logs}/worker-0.log", "2>&1", "&"]
 
 
@@ -422,6 +485,9 @@ def test_dry_run_lines_are_shell_words(fake):
     (["--tpu", "t", "--zone", "z", "--remote-dir", "..", "--", "x"], "--remote-dir must be a relative path"),
     (["--tpu", "t", "--zone", "z", "--remote-dir", "/opt/x", "--", "x"], "--remote-dir must be a relative path"),
     (["--tpu", "t", "--zone", "z", "--remote-dir", "", "--", "x"], "--remote-dir must be a relative path"),
+    (["--tpu", "t", "--zone", "z", "--attach", "j", "--", "x"], "--attach follows a job already started"),
+    (["--tpu", "t", "--zone", "z", "--attach", "j", "--env", "A=1"], "--attach takes none of"),
+    (["--tpu", "t", "--zone", "z", "--attach", "../j"], "--attach wants a job name"),
 ])
 def test_usage_errors_exit_2(fake, args, message):
     result = fake.run(*args)
@@ -435,3 +501,100 @@ def test_options_also_take_equals_and_help_exits_0(fake):
     assert result.returncode == 0 and "--worker=0" in result.stdout
     result = fake.run("--help")
     assert result.returncode == 0 and "--tpu NAME" in result.stdout and "--dry-run" in result.stdout
+
+
+def _wait_for(path: Path, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+def _printed_after(stderr: str, prefix: str) -> str:
+    """The command line the script printed after PREFIX (on that line or the next)."""
+    lines = stderr.splitlines()
+    for n, line in enumerate(lines):
+        if prefix in line:
+            rest = line.split(prefix, 1)[1].strip()
+            return rest or lines[n + 1].removeprefix("tpu_run:").strip()
+    raise AssertionError(f"no {prefix!r} in {stderr}")
+
+
+def test_a_lost_connection_leaves_the_job_running_and_attach_follows_it(fake):
+    result = fake.run("--tpu", "t", "--zone", "z", "--log-dir", str(fake.logs), "--", sys.executable, "-c", SLOW,
+                      workers=1, SLEEP="2", FAKE_GCLOUD_DROP_AFTER="1")
+    assert result.returncode == 255 and "worker 0 failed (exit 255)" in result.stderr
+    assert "started" in (fake.logs / "worker-0.log").read_text()
+    assert "~/tpu_run_logs/logs/output.log" in result.stderr
+    # The hangup reached the ssh session only: the job finishes and records its output and status.
+    job = fake.home(0) / "tpu_run_logs" / "logs"
+    _wait_for(job / "exit_status")
+    assert (fake.home(0) / "finished").exists()
+    assert (job / "exit_status").read_text() == "7\n"
+    assert (job / "output.log").read_text() == "started\nfinished\n"
+    # The printed follow command shows the whole log again and exits with the job's status.
+    fake.calls_file.unlink()
+    attach = _printed_after(result.stderr, "follow it again with:")
+    assert "--attach logs" in attach
+    again = fake.shell(attach, workers=1)
+    assert again.returncode == 7, again.stderr
+    assert "worker 0 failed (exit 7)" in again.stderr
+    assert again.stdout == "started\nfinished\n"
+    assert (fake.repo / "runs" / "tpu_logs" / "logs" / "worker-0.log").read_text() == "started\nfinished\n"
+    assert [c[3] for c in fake.calls()] == ["describe", "ssh"]  # no copy, no install
+
+
+def test_ctrl_c_leaves_the_job_running_and_says_how_to_stop_it(fake):
+    script = fake.repo / "launch" / "tpu_run.sh"
+    proc = subprocess.Popen(["bash", str(script), "--tpu", "t", "--zone", "z", "--log-dir", str(fake.logs),
+                             "--", sys.executable, "-c", SLOW],
+                            env=fake.env(2, SLEEP="60"), cwd=fake.tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    jobs = [fake.home(i) / "tpu_run_logs" / "logs" for i in range(2)]
+    try:
+        for job in jobs:
+            _wait_for(job / "pid")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (to the whole foreground group, as well)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        # The message points to the README section that exists.
+        assert 'README.md, "Later runs, logs, stopping"' in stderr and "launch/README.md" not in stderr
+        assert "\n### Later runs, logs, stopping\n" in (ROOT / "README.md").read_text()
+        assert "started" in (fake.logs / "worker-0.log").read_text()
+        time.sleep(0.5)
+        for job in jobs:  # still running
+            assert not (job / "exit_status").exists()
+            os.kill(int((job / "pid").read_text()), 0)
+        # A new run under the same job name refuses while the job runs.
+        second = fake.run("--tpu", "t", "--zone", "z", "--skip-copy", "--skip-install",
+                          "--log-dir", str(fake.logs), "--", "true")
+        assert second.returncode == 1 and "still running" in (fake.logs / "worker-1.log").read_text()
+        # The printed stop command stops it on every worker, and the status is still recorded.
+        stop = fake.shell(_printed_after(stderr, "stop it:"))
+        assert stop.returncode == 0, stop.stderr
+        for job in jobs:
+            _wait_for(job / "exit_status")
+            assert (job / "exit_status").read_text() == f"{128 + signal.SIGTERM}\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for job in jobs:
+            if (job / "pid").exists() and not (job / "exit_status").exists():
+                try:
+                    os.killpg(int((job / "pid").read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_apt_waits_for_the_dpkg_lock(fake):
+    _write_program(fake.bin / "sudo", FAKE_SUDO)
+    _write_program(fake.bin / "apt-get", FAKE_APT_GET)
+    apt_log = fake.tmp / "apt_calls.jsonl"
+    result = fake.run("--tpu", "t", "--zone", "z", "--python", "python3.99", "--log-dir", str(fake.logs),
+                      "--", *_user_command(), workers=1, FAKE_APT_LOG=str(apt_log))
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in apt_log.read_text().splitlines()]
+    assert [c[2] for c in calls] == ["update", "install"]
+    assert all(c[:2] == ["-o", "DPkg::Lock::Timeout=600"] for c in calls)
+    assert fake.received(0)["argv"] == []

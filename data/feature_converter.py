@@ -15,7 +15,7 @@ Model features out (L = text length, F frames, S samples, T snippets):
   text_targets       int32 [L]           prompt + answer + EOS
   text_loss_weights  float32 [L]         1 on answer tokens and EOS, 0 on prompt and padding
   prompts            int32 [L]           BOS + prompt, right-padded    (what decoding.generate takes)
-  prompt_lengths     int32 []            1 + kept prompt tokens
+  prompt_lengths     int32 []            1 + the prompt tokens in `prompts`
   truncation         int32 []            NOT_TRUNCATED / PROMPT_TRUNCATED / ANSWER_TRUNCATED
 
 The last three are for evaluation and bookkeeping; the model reads its keys by name and ignores them.
@@ -25,7 +25,9 @@ Truncation, when prompt + answer + EOS exceed L: the answer and its EOS are what
 are kept whole and the prompt loses its *start* (the end of a question is usually what it asks).
 If even answer + EOS do not fit, the prompt is dropped, the answer keeps its first L tokens and no
 EOS is appended (the answer did not end there). `truncation` records which happened; the pipeline
-counts and logs it, so no example loses its EOS unreported.
+counts and logs it, so no example loses its EOS unreported. `prompts` (what evaluation asks) never
+depends on the answer: it keeps the prompt's last L - 1 tokens, as `mirasol3b.answer` does with no
+answer, so neither the reference's length nor its absence changes the question the model sees.
 """
 
 from __future__ import annotations
@@ -72,17 +74,19 @@ def build_text(prompt: tf.Tensor, answer: tf.Tensor, length: int) -> dict[str, t
     answer = answer[:length]
     eos = tf.fill([tf.cast(answer_fits, tf.int32)], EOS_ID)
     kept = tf.minimum(p, tf.maximum(length - 1 - a, 0))
-    prompt = prompt[p - kept:]  # drops the prompt's start
+    full_prompt, prompt = prompt, prompt[p - kept:]  # drops the prompt's start
     targets = tf.concat([prompt, answer, eos], 0)
     inputs = tf.concat([[BOS_ID], targets], 0)[:tf.size(targets)]
     weights = tf.concat([tf.zeros([kept], tf.float32), tf.ones([tf.size(answer) + tf.size(eos)], tf.float32)], 0)
+    asked = tf.minimum(p, length - 1)
+    question = full_prompt[p - asked:]
     truncation = tf.where(answer_fits, tf.where(kept < p, PROMPT_TRUNCATED, NOT_TRUNCATED), ANSWER_TRUNCATED)
     return {
         "text_inputs": _pad_to(inputs, length, PAD_ID),
         "text_targets": _pad_to(targets, length, PAD_ID),
         "text_loss_weights": _pad_to(weights, length),
-        "prompts": _pad_to(tf.concat([[BOS_ID], prompt], 0), length, PAD_ID),
-        "prompt_lengths": kept + 1,
+        "prompts": _pad_to(tf.concat([[BOS_ID], question], 0), length, PAD_ID),
+        "prompt_lengths": asked + 1,
         "truncation": tf.cast(truncation, tf.int32),
     }
 

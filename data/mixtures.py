@@ -6,6 +6,10 @@ Built-in, for every `local_media` manifest config C (tiny, tiny_silence, base, b
 
 `config.data.mixture_rates` ("task:rate,task:rate") registers `config.data.task` as a mixture with
 those rates instead (done by the pipeline), so rates change without code.
+
+A seqio.Mixture keeps the Task objects it was built with, and `tasks.register_tasks` replaces the
+built-in ones whenever the data dir, vocabulary or shuffle buffer change; the pipeline therefore
+reads a mixture through `rebind`, which rebuilds it from its task names when it holds old tasks.
 """
 
 from __future__ import annotations
@@ -62,6 +66,33 @@ def register_mixture(name: str, rates: str | Mapping[str, float] | Sequence[tupl
     if replace:
         seqio.MixtureRegistry.remove(name)
     return seqio.MixtureRegistry.add(name, list(rates.items()))
+
+
+def rebind(name: str) -> seqio.Mixture:
+    """Mixture `name` (and its sub-mixtures) holding the tasks registered now; re-registered if it
+    held replaced ones, otherwise returned as it is."""
+    # At read time, as registering the built-in tasks before importing user modules cannot do: a
+    # module is imported once per process, the tasks are replaced for every config that changes
+    # the data dir, vocabulary or shuffle buffer, and a mixture may be registered anywhere.
+    mixture = seqio.MixtureRegistry.get(name)
+    for part in mixture.rate_per_task_name:
+        if part in seqio.TaskRegistry.names():
+            continue
+        if part not in seqio.MixtureRegistry.names():
+            raise ValueError(f"mixture {name!r}: its task {part!r} is no longer registered; register it again "
+                             f"(data/tasks.py: add_media_task) or re-register {name!r} without it")
+        rebind(part)
+    if all(task is seqio.TaskRegistry.get(task.name) for task in mixture.tasks):
+        return mixture
+    kwargs = {"source_info": mixture.source_info}
+    if hasattr(mixture, "_sample_fn"):  # a custom sampler given to seqio.MixtureRegistry.add; seqio has no getter
+        kwargs["sample_fn"] = mixture._sample_fn
+    # By name, so the constructor looks up the tasks and sub-mixtures registered now; built before
+    # the old one is removed, so that a failure leaves the registry as it was.
+    fresh = type(mixture)(name, list(mixture.rate_per_task_name.items()), **kwargs)
+    seqio.MixtureRegistry.remove(name)
+    seqio.MixtureRegistry.add_provider(name, fresh)
+    return fresh
 
 
 def builtin_mixtures() -> dict[str, dict[str, float]]:

@@ -58,14 +58,18 @@ def drop_metadata(batch: dict) -> dict[str, np.ndarray]:
 
 
 def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mixture:
-    """The task or mixture `config.data.task` names, after importing `config.data.task_modules`
-    and registering the built-in tasks for this config's data dir, vocabulary and shuffle buffer
-    (and the mixture `config.data.mixture_rates` describes, when set)."""
-    for module in filter(None, (m.strip() for m in config.data.task_modules.split(","))):
-        importlib.import_module(module)  # registers the user's tasks (once per process)
+    """The task or mixture `config.data.task` names, after registering the built-in tasks for this
+    config's data dir, vocabulary and shuffle buffer and importing `config.data.task_modules` (and
+    the mixture `config.data.mixture_rates` describes, when set). A mixture, built-in or the
+    user's, reads the tasks registered for this config."""
     vocabulary = vocab_lib.get_vocabulary(config)
+    # Before the user's modules, for one that builds on a built-in task at import. That helps a
+    # first import only (a module is imported once per process, and callers such as
+    # train/loop.py import them earlier), so the mixture read is also rebound below.
     tasks_lib.register_tasks(data_dir=config.data.tfds_data_dir or None, vocabulary=vocabulary,
                              shuffle_buffer_size=config.data.shuffle_buffer)
+    for module in filter(None, (m.strip() for m in config.data.task_modules.split(","))):
+        importlib.import_module(module)  # registers the user's tasks (once per process)
     mixtures_lib.register_mixtures()
     name = config.data.task
     rates = mixtures_lib.parse_rates(config.data.mixture_rates)
@@ -74,9 +78,11 @@ def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mi
     known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     if name not in known:
         raise ValueError(f"config.data.task: no SeqIO task or mixture named {name!r}; registered: {sorted(known)}. "
-                         "Add yours with data.tasks.add_media_task (see data/README_tasks.md) before building "
-                         "the input pipeline")
+                         "Add yours with data.tasks.add_media_task (README.md, 'Your own data: a SeqIO task') "
+                         "before building the input pipeline")
     provider = seqio.get_mixture_or_task(name)
+    if isinstance(provider, seqio.Mixture):
+        provider = mixtures_lib.rebind(name)  # it may hold tasks replaced by register_tasks above
     for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
         task_vocab = task.output_features["prompt"].vocabulary
         if task_vocab != vocabulary:
@@ -99,6 +105,54 @@ def _task_examples(provider, split: str, *, shuffle: bool, seed: int | None, sha
     # cache any split under 10k examples, i.e. GBs of decoded video.
     return provider.get_dataset(sequence_length=None, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
                                 num_epochs=num_epochs, trim_output_features=False, try_in_mem_cache=False)
+
+
+def _has_example(task: seqio.Task, split: str, seed: int | None, shard_info: seqio.ShardInfo | None) -> bool:
+    """Whether one epoch of `task`'s `split` (the part `shard_info` names) yields an example."""
+    # The training read's source order and sharding (seqio shards examples after the source's
+    # seeded file shuffle when there are fewer files than shards), but a shuffle buffer of 1, so
+    # take(1) stops at the first example the task's filters keep.
+    ds = task.get_dataset(sequence_length=None, split=split, shuffle=True, seed=seed, shuffle_buffer_size=1,
+                          shard_info=shard_info, num_epochs=1, trim_output_features=False, try_in_mem_cache=False)
+    return any(True for _ in ds.take(1))
+
+
+def check_has_examples(provider, split: str, seed: int | None, shard_info: seqio.ShardInfo) -> None:
+    """Raises, naming the task, split, shard and kind filter, if a task of `provider` yields no
+    example for this shard: training repeats it forever and would wait for one without end.
+
+    Cost: per task, reading up to its first kept example (usually the first record). Only a task
+    whose filters keep nothing in this shard costs more: one pass over the shard, decoding every
+    clip, and then up to one pass over the whole split to tell an empty shard from an empty split.
+    """
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    for task in tasks:
+        if split not in task.splits:
+            continue  # a mixture skips it; a lone task fails in seqio with its own message
+        if _has_example(task, split, seed, shard_info):
+            continue
+        where = f"mixture {provider.name!r}: task {task.name!r}" if task is not provider else f"task {task.name!r}"
+        kinds = [p.kind for p in task.preprocessors if isinstance(getattr(p, "kind", None), str)]
+        kept = f" that its kind filter {kinds[0]!r} keeps" if kinds else ""
+        others = []
+        if kinds:
+            whole = task.name.removesuffix(f"_{kinds[0]}")
+            unfiltered = f" such as {whole!r}" if whole != task.name and whole in seqio.TaskRegistry.names() else ""
+            others.append(f"train on a task without the filter{unfiltered}")
+        if isinstance(provider, seqio.Mixture):
+            others.append(f"leave {task.name!r} out of the mixture (config.data.mixture_rates='task:rate,...')")
+        n, i = shard_info.num_shards, shard_info.index
+        if n > 1 and _has_example(task, split, seed, None):
+            raise ValueError(
+                f"{where}: shard {i} of {n} (numbered from 0: this host's part) of split {split!r} has no example"
+                f"{kept}, though other shards have some; this host would wait for one forever and stall every host. "
+                f"Add such examples to the split (each of the {n} hosts needs one in its shard), train on fewer "
+                f"hosts, or {' or '.join(others) or 'use another task'}")
+        fixes = [f"build the dataset from annotations that include {kinds[0]!r} examples (README.md, 'Your own data')"
+                 if kinds else f"make its source yield examples for {split!r}", *others]
+        fixes = "; or ".join(fixes)
+        raise ValueError(f"{where} has no example in split {split!r}{kept}, so training would wait for one forever. "
+                         f"{fixes[0].upper()}{fixes[1:]}")
 
 
 def _with_metadata(task: seqio.Task):
@@ -176,6 +230,8 @@ class TrainIterator(Iterator):
             raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
         self._provider = resolve_provider(config)
         tasks_lib.check_prepared(self._provider, split)
+        # Here rather than in `_build`: reading forever, an empty task would hang without a word.
+        check_has_examples(self._provider, split, int(seed), seqio.ShardInfo(shard_index, num_shards))
         self._lengths = fc.task_feature_lengths(config)
         self._where = _Where(self._provider.name, split, int(seed), shard_index, num_shards,
                              local_batch_size(config, num_shards))

@@ -12,7 +12,7 @@ so a missing dataset is an error (`check_prepared` says how to build it), never 
 The data dir is `register_tasks(data_dir=...)` (the pipeline passes `config.data.tfds_data_dir`);
 when None, TFDS's own default: `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`.
 
-Your own task is one call (see `data/README_tasks.md`):
+Your own task is one call (see README.md, "Your own data: a SeqIO task"):
     add_media_task("my_task", seqio.FunctionDataSource(my_dataset_fn, splits=["train"]))
 """
 
@@ -67,6 +67,7 @@ def filter_kind(kind: str) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
     def keep(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.filter(lambda ex: tf.equal(ex["kind"], kind))
     keep.__name__ = f"filter_kind_{kind}"
+    keep.kind = kind  # read by the pipeline's check for tasks that yield nothing, to name the filter
     return keep
 
 
@@ -110,8 +111,8 @@ def register_tasks(data_dir: str | None = None, vocabulary: seqio.Vocabulary | N
                    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER) -> list[str]:
     """(Re-)registers the built-in tasks; a no-op when called again with the same arguments.
 
-    Mixtures hold Task objects, so after a change re-register them (`mixtures.register_mixtures`).
-    Returns the task names.
+    Mixtures hold Task objects: read one through `mixtures.rebind` (the pipeline does) to get the
+    tasks registered now. Returns the task names.
     """
     global _registered_with
     vocabulary = vocabulary or seqio.ByteVocabulary()

@@ -39,7 +39,7 @@ def make_config(**data):
     return cfg
 
 
-def _example(prefix: str):
+def _example(prefix: str, kind=lambda i: "qa"):
     def make(i):
         n = tf.cast(1 + i % SNIPPETS, tf.int32)
         seed = tf.stack([i, 0])
@@ -51,16 +51,16 @@ def _example(prefix: str):
             "audio_missing": False,
             "prompt": tf.strings.format(prefix + "{}", i),
             "answer": tf.strings.format("answer {}", i % 7),
-            "kind": "qa",
+            "kind": kind(i),
         }
     return make
 
 
-def source(prefix: str, size: int) -> seqio.FunctionDataSource:
+def source(prefix: str, size: int, kind=lambda i: "qa") -> seqio.FunctionDataSource:
     def dataset_fn(split, shuffle_files, seed=None):
         del shuffle_files, seed  # a fixed order; the task shuffles
         offset = {"train": 0, "validation": 10_000}[split]
-        return tf.data.Dataset.range(offset, offset + size).map(_example(prefix))
+        return tf.data.Dataset.range(offset, offset + size).map(_example(prefix, kind))
     return seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"])
 
 
@@ -125,13 +125,20 @@ def test_truncation_drops_the_prompt_start_and_keeps_answer_and_eos():
     np.testing.assert_array_equal(out["text_targets"], [16, 17, 18, 19, 30, 31, 32, vocab.EOS_ID])
     np.testing.assert_array_equal(out["text_inputs"], [0, 16, 17, 18, 19, 30, 31, 32])
     np.testing.assert_array_equal(out["text_loss_weights"], [0, 0, 0, 0, 1, 1, 1, 1])
-    np.testing.assert_array_equal(out["prompts"], [0, 16, 17, 18, 19, 0, 0, 0])
     assert out["truncation"] == fc.PROMPT_TRUNCATED
+    # The question evaluation asks is the prompt's last L - 1 tokens, whatever the answer's length
+    # (a shorter reference must not give the model more of the question).
+    np.testing.assert_array_equal(out["prompts"], [0, 13, 14, 15, 16, 17, 18, 19])
+    assert out["prompt_lengths"] == 8
+    for answer in ([30], [], list(range(30, 36))):
+        other = convert(raw(list(range(10, 20)), answer), lengths)
+        np.testing.assert_array_equal(other["prompts"], out["prompts"])
+        assert other["prompt_lengths"] == 8
     # An answer that cannot fit with its EOS: no prompt, its first L tokens, reported.
     out = convert(raw([10], list(range(30, 40))), lengths)
     np.testing.assert_array_equal(out["text_targets"], range(30, 38))
     assert out["text_loss_weights"].sum() == 8 and out["truncation"] == fc.ANSWER_TRUNCATED
-    assert out["prompt_lengths"] == 1
+    np.testing.assert_array_equal(out["prompts"][:2], [0, 10])  # still asked, though not trained on
 
 
 def test_converter_rejects_packing_and_media_longer_than_the_model():
@@ -209,6 +216,57 @@ def test_mixture_rates_parse_and_validate():
 def test_unknown_task_is_an_error_naming_the_field():
     with pytest.raises(ValueError, match=r"config\.data\.task.*no_such_task"):
         pipeline.make_input_iterator(make_config(task="no_such_task"), "train", 0, 1)
+
+
+def test_a_user_mixture_reads_the_tasks_registered_for_the_config(tmp_path):
+    # Registered before the config's data dir is known, as a user's task module does at import.
+    mixtures.register_mixture("my_mix", {"local_media_tiny_qa": 1, "synthetic_avqa_tiny": 1}, replace=True)
+    mixtures.register_mixture("my_nested_mix", {"my_mix": 1, "qa_tiny": 1}, replace=True)
+    try:
+        for name in ("my_mix", "my_nested_mix"):
+            provider = pipeline.resolve_provider(make_config(task=name, tfds_data_dir=str(tmp_path), shuffle_buffer=8))
+            assert {t.name for t in provider.tasks} >= {"local_media_tiny_qa", "synthetic_avqa_tiny"}
+            assert [t.source.tfds_dataset.data_dir for t in provider.tasks] == [str(tmp_path)] * len(provider.tasks)
+            assert [t.shuffle_buffer_size for t in provider.tasks] == [8] * len(provider.tasks)
+            assert all(t is seqio.TaskRegistry.get(t.name) for t in provider.tasks)
+            assert seqio.get_mixture_or_task(name) is provider
+    finally:
+        for name in ("my_nested_mix", "my_mix"):
+            seqio.MixtureRegistry.remove(name)
+
+
+# ---- tasks with nothing to read ---------------------------------------------------------------
+
+@pytest.fixture
+def caption_tasks():
+    """`no_captions`: a QA-only source under a caption filter; `one_caption`: only example 0 is a caption."""
+    def one(i):
+        return tf.where(tf.equal(i, 0), "caption", "qa")
+    tasks.add_media_task("no_captions", source("n", 8), preprocessors=[tasks.filter_kind("caption")],
+                         shuffle_buffer_size=16, replace=True)
+    tasks.add_media_task("one_caption", source("o", 8, kind=one), preprocessors=[tasks.filter_kind("caption")],
+                         shuffle_buffer_size=16, replace=True)
+    yield
+    seqio.MixtureRegistry.remove("mix_with_empty")
+    for name in ("no_captions", "one_caption"):
+        seqio.TaskRegistry.remove(name)
+
+
+def test_a_task_with_nothing_to_read_is_an_error_not_a_hang(caption_tasks):
+    # Before the check, the infinite read of an empty task never yielded and never returned.
+    with pytest.raises(ValueError, match=r"task 'no_captions'.*split 'train'.*kind filter 'caption'"):
+        pipeline.make_input_iterator(make_config(task="no_captions"), "train", 0, 1)
+    # A mixture would hang the first time it sampled the empty task.
+    with pytest.raises(ValueError, match=r"mixture 'mix_with_empty'.*task 'no_captions'"):
+        pipeline.make_input_iterator(make_config(task="mix_with_empty", mixture_rates="user_a:1,no_captions:1"),
+                                     "train", 0, 1)
+
+
+def test_a_shard_with_nothing_to_read_is_an_error_naming_the_shard(caption_tasks):
+    cfg = make_config(task="one_caption", batch_size=2)
+    assert ids(next(pipeline.make_input_iterator(cfg, "train", 0, 2))) == ["o0"]
+    with pytest.raises(ValueError, match=r"task 'one_caption'.*shard 1 of 2.*other shards"):
+        pipeline.make_input_iterator(cfg, "train", 1, 2)
 
 
 # ---- sharding, determinism, resumption --------------------------------------------------------

@@ -187,7 +187,7 @@ def test_filter_logits_top_k_and_top_p():
     # Ties (common in bf16): exactly k tokens, the lowest ids first, as argmax would pick.
     tied = jnp.array([[1.0, 2.0, 2.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
     assert kept(decoding.filter_logits(tied, top_k=1)) == [1]
-    assert np.flatnonzero(np.asarray(decoding.filter_logits(tied, top_k=2)[1]) > decoding.NEG_INF / 2).tolist() == [0, 1]
+    assert kept(decoding.filter_logits(tied, top_k=2)[1:]) == [0, 1]
 
 
 def test_cross_attention_keys_values_come_from_the_cache(transformer_setup):

@@ -130,8 +130,8 @@ def test_truncation_drops_the_prompt_start_and_keeps_answer_and_eos():
     # (a shorter reference must not give the model more of the question).
     np.testing.assert_array_equal(out["prompts"], [0, 13, 14, 15, 16, 17, 18, 19])
     assert out["prompt_lengths"] == 8
-    for answer in ([30], [], list(range(30, 36))):
-        other = convert(raw(list(range(10, 20)), answer), lengths)
+    for answer in ([30], [], list(range(30, 36))):  # build_text alone: the converter's text part
+        other = fc.build_text(tf.range(10, 20), tf.constant(answer, tf.int32), 8)
         np.testing.assert_array_equal(other["prompts"], out["prompts"])
         assert other["prompt_lengths"] == 8
     # An answer that cannot fit with its EOS: no prompt, its first L tokens, reported.

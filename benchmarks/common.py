@@ -78,11 +78,11 @@ def peer_scale_config(dft: str = "fft", overrides: dict | None = None) -> ml_col
     return configlib.validate(override(c, overrides or {}))
 
 
-def tiny_config(overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """`configs/tiny.py` (the tiny-width model), unlocked, with `overrides` ('a.b': value)."""
+def tiny_config(overrides: dict | None = None, variant: str | None = None) -> ml_collections.ConfigDict:
+    """`configs/tiny.py[:variant]` (the tiny-width model), unlocked, with `overrides` ('a.b': value)."""
     from configs import tiny
 
-    c = tiny.get_config()
+    c = tiny.get_config(variant)
     return configlib.validate(override(ml_collections.ConfigDict(c.to_dict()), overrides or {}))
 
 

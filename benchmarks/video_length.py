@@ -60,12 +60,10 @@ def main() -> None:
         for n in frames:
             # Scanned: with scan_layers=False (tiny.py's CPU choice) the TTM also unrolls its snippets,
             # and 256 unrolled snippets take many minutes to compile.
-            # (tiny.py's per-modality readout is the Transformer Combiner's; the TTM reads jointly.)
-            readout = "joint" if combiner == "ttm" else common.tiny_config().model.combiner_readout
-            cfg = common.tiny_config({"model.combiner": combiner, "model.combiner_readout": readout,
-                                      "data.num_frames": n, "model.scan_layers": True,
+            cfg = common.tiny_config({"data.num_frames": n, "model.scan_layers": True,
                                       "data.batch_size": args.batch, "model.time_aligned.window": args.window,
-                                      "loss.latent_negatives": args.latent_negatives})
+                                      "loss.latent_negatives": args.latent_negatives},
+                                     variant="ttm" if combiner == "ttm" else None)
             steps[combiner, n] = step = common.TrainStep(cfg)
             print(f"{combiner:>11} {n:4d} frames ({n // cfg.model.video.snippet_frames} snippets): "
                   f"{step.num_params:,} params, compiled in {step.compile_seconds:.0f} s", flush=True)

@@ -74,12 +74,12 @@ def build_text(prompt: tf.Tensor, answer: tf.Tensor, length: int) -> dict[str, t
     answer = answer[:length]
     eos = tf.fill([tf.cast(answer_fits, tf.int32)], EOS_ID)
     kept = tf.minimum(p, tf.maximum(length - 1 - a, 0))
-    full_prompt, prompt = prompt, prompt[p - kept:]  # drops the prompt's start
+    asked = tf.minimum(p, length - 1)
+    question = prompt[p - asked:]  # what evaluation asks: independent of the answer
+    prompt = prompt[p - kept:]  # drops the prompt's start
     targets = tf.concat([prompt, answer, eos], 0)
     inputs = tf.concat([[BOS_ID], targets], 0)[:tf.size(targets)]
     weights = tf.concat([tf.zeros([kept], tf.float32), tf.ones([tf.size(answer) + tf.size(eos)], tf.float32)], 0)
-    asked = tf.minimum(p, length - 1)
-    question = full_prompt[p - asked:]
     truncation = tf.where(answer_fits, tf.where(kept < p, PROMPT_TRUNCATED, NOT_TRUNCATED), ANSWER_TRUNCATED)
     return {
         "text_inputs": _pad_to(inputs, length, PAD_ID),

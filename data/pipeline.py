@@ -100,11 +100,13 @@ def local_batch_size(config: ml_collections.ConfigDict, num_shards: int) -> int:
 
 
 def _task_examples(provider, split: str, *, shuffle: bool, seed: int | None, shard_info: seqio.ShardInfo | None,
-                   num_epochs: int | None) -> tf.data.Dataset:
+                   num_epochs: int | None, shuffle_buffer_size: int | None = None) -> tf.data.Dataset:
+    """`shuffle_buffer_size`: a task's own unless given (a mixture takes none)."""
     # No trimming here: the converter truncates text its own way. No in-memory cache: seqio would
     # cache any split under 10k examples, i.e. GBs of decoded video.
+    buffer = {"shuffle_buffer_size": shuffle_buffer_size} if shuffle_buffer_size else {}
     return provider.get_dataset(sequence_length=None, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
-                                num_epochs=num_epochs, trim_output_features=False, try_in_mem_cache=False)
+                                num_epochs=num_epochs, trim_output_features=False, try_in_mem_cache=False, **buffer)
 
 
 def _has_example(task: seqio.Task, split: str, seed: int | None, shard_info: seqio.ShardInfo | None) -> bool:
@@ -112,8 +114,8 @@ def _has_example(task: seqio.Task, split: str, seed: int | None, shard_info: seq
     # The training read's source order and sharding (seqio shards examples after the source's
     # seeded file shuffle when there are fewer files than shards), but a shuffle buffer of 1, so
     # take(1) stops at the first example the task's filters keep.
-    ds = task.get_dataset(sequence_length=None, split=split, shuffle=True, seed=seed, shuffle_buffer_size=1,
-                          shard_info=shard_info, num_epochs=1, trim_output_features=False, try_in_mem_cache=False)
+    ds = _task_examples(task, split, shuffle=True, seed=seed, shard_info=shard_info, num_epochs=1,
+                        shuffle_buffer_size=1)
     return any(True for _ in ds.take(1))
 
 
@@ -148,11 +150,10 @@ def check_has_examples(provider, split: str, seed: int | None, shard_info: seqio
                 f"{kept}, though other shards have some; this host would wait for one forever and stall every host. "
                 f"Add such examples to the split (each of the {n} hosts needs one in its shard), train on fewer "
                 f"hosts, or {' or '.join(others) or 'use another task'}")
-        fixes = [f"build the dataset from annotations that include {kinds[0]!r} examples (README.md, 'Your own data')"
-                 if kinds else f"make its source yield examples for {split!r}", *others]
-        fixes = "; or ".join(fixes)
+        fixes = [f"Build the dataset from annotations that include {kinds[0]!r} examples (README.md, 'Your own data')"
+                 if kinds else f"Make its source yield examples for {split!r}", *others]
         raise ValueError(f"{where} has no example in split {split!r}{kept}, so training would wait for one forever. "
-                         f"{fixes[0].upper()}{fixes[1:]}")
+                         + "; or ".join(fixes))
 
 
 def _with_metadata(task: seqio.Task):

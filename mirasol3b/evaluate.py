@@ -91,14 +91,14 @@ def local_rows(x, like) -> np.ndarray:
     if getattr(like, "is_fully_addressable", True):
         return np.asarray(x)
     rows = like.shape[0]
+    held = [(_row_range(s, rows), s.data) for s in x.addressable_shards]
     out = []
     for start, stop in sorted({_row_range(s, rows) for s in like.addressable_shards}):
-        shard = next((s for s in x.addressable_shards
-                      if _row_range(s, rows)[0] <= start and stop <= _row_range(s, rows)[1]), None)
-        if shard is None:
+        found = next(((first, data) for (first, last), data in held if first <= start and stop <= last), None)
+        if found is None:
             raise ValueError(f"rows {start}:{stop} of the result live on no device of process {jax.process_index()}")
-        first = _row_range(shard, rows)[0]
-        out.append(np.asarray(shard.data)[start - first:stop - first])
+        first, data = found
+        out.append(np.asarray(data)[start - first:stop - first])
     return np.concatenate(out)
 
 

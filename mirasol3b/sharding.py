@@ -86,8 +86,8 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> jax.sharding.NamedShar
 def batch_blocks_spanning_processes(process_grid: np.ndarray) -> dict[int, list[int]]:
     """Batch blocks (one per data x fsdp position, in row order) whose devices belong to more than
     one process -> those processes. `process_grid`: each mesh device's process, `[data, fsdp, tensor]`."""
-    blocks = np.asarray(process_grid).reshape(-1, process_grid.shape[-1])
-    return {i: sorted({int(p) for p in row}) for i, row in enumerate(blocks) if len(set(row.tolist())) > 1}
+    blocks = [sorted(set(row.tolist())) for row in np.asarray(process_grid).reshape(-1, process_grid.shape[-1])]
+    return {i: processes for i, processes in enumerate(blocks) if len(processes) > 1}
 
 
 @functools.cache

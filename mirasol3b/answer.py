@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mirasol3b import configlib, decoding, evaluate, sharding
+from mirasol3b.train import checkpoints
 
 
 def prepare(config: ml_collections.ConfigDict, video_path: str, question: str, *,
@@ -91,7 +92,7 @@ def main(argv, config_flag) -> None:
     except MediaError as e:
         hint = " (--missing_audio=silence answers with silent audio)" if e.reason == "no_audio_track" else ""
         sys.exit(f"error: cannot read video {e.path}: {e.reason}: {e.detail}{hint}")
-    except (FileNotFoundError, configlib.ConfigError) as e:
+    except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError) as e:
         sys.exit(f"error: {e}")
     print(answer_batch(config, params, batch, mesh=mesh), flush=True)
 

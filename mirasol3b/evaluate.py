@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import re
 import string
 import sys
@@ -188,30 +189,30 @@ def evaluate(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh 
 
 # ---- checkpoints ------------------------------------------------------------------------------
 
-def _checkpointer(workdir: epath.PathLike) -> checkpoints.Checkpointer:
+def _require_checkpoints(workdir: epath.PathLike) -> None:
     directory = epath.Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in workdir {workdir!r} (no directory {directory}); train there "
                                 "first with `python -m mirasol3b.main --workdir=...`")
+
+
+def _checkpointer(workdir: epath.PathLike) -> checkpoints.Checkpointer:
+    _require_checkpoints(workdir)
     return checkpoints.Checkpointer(workdir, save_every=1, keep=1, read_only=True)
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: jax.sharding.Mesh):
     """(step, params) of `workdir`'s latest good checkpoint, sharded over `mesh`.
 
-    Corrupt steps are reported and skipped (`Checkpointer.restore_latest`); the optimizer state is
-    read with the params (the checkpoint stores them as one item) and dropped.
+    Params only: the optimizer state (twice their size) is never read, so the optimizer config need
+    not match training's, and params saved in another dtype are cast to `config.model.param_dtype`.
+    Corrupt steps are reported and skipped (`Checkpointer.restore_latest`).
     """
     model, optimizer = Mirasol3B(config.model), make_optimizer(config.train)
     boxed, _ = abstract_state(model, optimizer, example_batch(config, 1))
-    target = checkpoints.with_shardings(boxed, state_shardings(boxed, mesh))
-    with _checkpointer(workdir) as ckpt:
-        found = ckpt.restore_latest(target)
-        if found is None:
-            raise FileNotFoundError(f"no usable checkpoint in workdir {workdir!r} ({ckpt.directory})"
-                                    + "".join(f"\n  {p}" for p in ckpt.problems))
-    step, state, _ = found
-    return step, state.params
+    target = checkpoints.with_shardings(boxed.params, state_shardings(boxed, mesh).params)
+    _require_checkpoints(workdir)
+    return checkpoints.restore_params(workdir, target, what=f"workdir {os.fspath(workdir)!r}")
 
 
 def config_from_workdir(workdir: epath.PathLike) -> ml_collections.ConfigDict:

@@ -297,6 +297,27 @@ def test_init_from_names_mismatches_and_loads_params_only(tmp_path):
     assert all(not np.any(np.asarray(m)) for m in jax.tree.leaves(state.opt_state[1][0].mu))
 
 
+def test_another_param_dtype_is_a_mismatch_on_resume_and_a_cast_on_init_from(tmp_path):
+    workdir = str(tmp_path / "pretrain")
+    source = run(workdir, 2).state
+    bf16 = setup(param_dtype="bfloat16")
+    ckpt = checkpoints.Checkpointer(workdir, save_every=2, keep=3)
+    with pytest.raises(checkpoints.CheckpointMismatchError,
+                       match=r"param_dtype.*\n.*shape or dtype mismatch.*\n.* float32 vs model \(.*\) bfloat16"):
+        ckpt.restore_latest(bf16.target)
+    ckpt.close()
+    assert not ckpt.corrupt and not os.path.exists(ckpt.record_path), "a mismatch is not corruption"
+
+    target = checkpoints.with_shardings(bf16.abstract.params, bf16.shardings.params)
+    params = checkpoints.load_params_for_finetuning(workdir, target)  # read as float32, verified, cast
+    for x, want in zip(jax.tree.leaves(params), jax.tree.leaves(source.params), strict=True):
+        assert x.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(want.astype(jnp.bfloat16)))
+    with pytest.raises(ValueError, match="need `fresh_params`"):  # a usage error, before any step is read
+        checkpoints.load_params_for_finetuning(workdir, target, allow_missing=True)
+    assert not os.path.exists(ckpt.record_path)
+
+
 def test_saves_are_async_and_keep_k(tmp_path, monkeypatch):
     s = setup()
     state = s.init()

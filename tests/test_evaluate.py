@@ -185,6 +185,14 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
     step, restored = evaluate.restore_params(restored_config, str(tmp_path), mesh)
     assert step == 5
     jax.tree.map(np.testing.assert_array_equal, restored, params)
+    # Params only: another optimizer (its state has another structure) and another param dtype
+    # (read as saved, checked against the fingerprint, then cast) still evaluate this checkpoint.
+    other = restored_config.copy_and_resolve_references()
+    other.train.grad_clip_norm = None if cfg.train.grad_clip_norm is not None else 1.0
+    other.model.param_dtype = "bfloat16"
+    assert step == evaluate.restore_params(other, str(tmp_path), mesh)[0]
+    cast = evaluate.restore_params(other, str(tmp_path), mesh)[1]
+    jax.tree.map(lambda x, p: np.testing.assert_array_equal(x, p.astype(jnp.bfloat16)), cast, params)
 
     metrics = evaluate.evaluate(restored_config, restored, mesh, max_batches=2)
     assert metrics["num_examples"] == 2 and 0 <= metrics["exact_match"] <= 1

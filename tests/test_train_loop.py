@@ -37,6 +37,8 @@ class _Poisoned(RandomBatches):
         return batch
 
 
+# Orbax leaves a callback behind when TensorStore fails to read: "Event loop is closed", harmless.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     cfg = _config(4)
@@ -52,6 +54,18 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     assert os.listdir(os.path.join(workdir, "tensorboard")), "TensorBoard event files are written"
     assert loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size)) == {}
     assert "nothing to do" in capsys.readouterr().out
+
+    # Every checkpoint unreadable: the run refuses to start over (its new steps 2, 4 and 6 would
+    # be refused next to the old ones, or mistaken for them), naming each one.
+    for step in ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps():
+        state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+        for root, _, files in os.walk(state_dir):
+            for name in files:
+                if "/d" in root[len(state_dir):]:  # the array store's data files
+                    os.truncate(os.path.join(root, name), 0)
+    with pytest.raises(RuntimeError, match=r"(?s)no checkpoint in .* could be restored, so the run does not "
+                                           r"start over.*step 6 at .*corrupt.*step 4 at .*corrupt"):
+        loop.train(_config(8), workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
 
 
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):

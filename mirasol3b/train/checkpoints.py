@@ -181,6 +181,11 @@ def _verify(restored, expected: dict[str, list[int]], prefix: str = "") -> None:
             + ", ".join(prefix + p for p in bad[:5]) + (" ..." if len(bad) > 5 else ""))
 
 
+def _shape_dtype(x) -> tuple:
+    """(shape, dtype name) of an array, ShapeDtypeStruct or Orbax array metadata."""
+    return tuple(x.shape), jnp.dtype(x.dtype).name
+
+
 def _all_agree(ok: bool) -> bool:
     """True only if every process says True (one process: itself)."""
     if jax.process_count() == 1:
@@ -221,10 +226,14 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 
 def compare_trees(checkpoint: dict[str, tuple], model: dict[str, tuple]):
-    """(missing, unexpected, mismatched) from 'path' -> shape maps; mismatched as printable lines."""
+    """(missing, unexpected, mismatched) from 'path' -> shape (or (shape, dtype)) maps; mismatched as
+    printable lines."""
+    def show(v):
+        return f"{tuple(v[0])} {v[1]}" if len(v) == 2 and isinstance(v[1], str) else str(tuple(v))
+
     missing = sorted(set(model) - set(checkpoint))
     unexpected = sorted(set(checkpoint) - set(model))
-    mismatched = sorted(f"{p}: checkpoint {tuple(checkpoint[p])} vs model {tuple(model[p])}"
+    mismatched = sorted(f"{p}: checkpoint {show(checkpoint[p])} vs model {show(model[p])}"
                         for p in set(model) & set(checkpoint) if tuple(checkpoint[p]) != tuple(model[p]))
     return missing, unexpected, mismatched
 
@@ -233,7 +242,7 @@ def _mismatch_message(what: str, missing, unexpected, mismatched) -> str:
     lines = [what]
     for title, items in (("missing from the checkpoint (in the model only)", missing),
                          ("unexpected (in the checkpoint only)", unexpected),
-                         ("shape mismatch", mismatched)):
+                         ("shape or dtype mismatch", mismatched)):
         if items:
             lines.append(f"  {title}: {len(items)}")
             lines += [f"    {p}" for p in items]
@@ -393,17 +402,20 @@ class Checkpointer:
     # -- restoring --
 
     def _check_fits(self, step: int, abstract) -> None:
-        """Raises CheckpointMismatchError if `step`'s state has other paths or shapes than `abstract`."""
+        """Raises CheckpointMismatchError if `step`'s state has other paths, shapes or dtypes than
+        `abstract`. Dtypes count: Orbax would cast on restore, the fingerprint would then differ and
+        every good step would be taken for corrupt (e.g. a run resumed with another param_dtype)."""
         meta = self._manager.item_metadata(step)["state"]
         if meta is None:
             raise FileNotFoundError(f"no readable state metadata in {self.step_path(step)}")
-        saved = {p: m.shape for p, m in _flat(meta).items()}
-        model = {p: a.shape for p, a in _flat(abstract).items()}
+        saved = {p: _shape_dtype(m) for p, m in _flat(meta).items()}
+        model = {p: _shape_dtype(a) for p, a in _flat(abstract).items()}
         missing, unexpected, mismatched = compare_trees(saved, model)
         if missing or unexpected or mismatched:
             raise CheckpointMismatchError(_mismatch_message(
                 f"checkpoint step {step} at {self.step_path(step)} does not fit the model (a different "
-                "config? use a new workdir, or init_from to fine-tune):", missing, unexpected, mismatched))
+                "config, e.g. model.param_dtype? resume with the config it was saved with, or start a new "
+                "workdir with init_from to fine-tune):", missing, unexpected, mismatched))
 
     def _restore_first_good(self, attempt):
         """Runs `attempt(step)` from the newest step down; reports every failure; None if all fail."""
@@ -472,62 +484,83 @@ def load_params_for_finetuning(init_from: epath.PathLike, abstract_params, *, fr
     checkpoint (missing), in the checkpoint but not in the model (unexpected), and shapes that
     differ raise `CheckpointMismatchError` listing them, unless allowed: then missing and
     mismatched params keep their value from `fresh_params` (the new run's initialisation),
-    unexpected ones are dropped, and the lists are logged. Corrupt steps fall back as in
-    `Checkpointer.restore_latest`.
+    unexpected ones are dropped, and the lists are logged. Params are read at the dtype they were
+    saved in, checked against the checkpoint's fingerprint, then cast to the model's (fine-tuning
+    in bfloat16 from a float32 run). Corrupt steps fall back as in `Checkpointer.restore_latest`.
     """
-    workdir = epath.Path(init_from)  # normalised: no trailing slash
+    return restore_params(init_from, abstract_params, fresh_params=fresh_params, allow_missing=allow_missing,
+                          allow_unexpected=allow_unexpected, allow_shape_mismatch=allow_shape_mismatch,
+                          what="init_from")[1]
+
+
+def restore_params(workdir: epath.PathLike, abstract_params, *, fresh_params=None, allow_missing: bool = False,
+                   allow_unexpected: bool = False, allow_shape_mismatch: bool = False,
+                   what: str = "restore") -> tuple[int, Any]:
+    """(step, params) of `workdir`'s newest good checkpoint, without its optimizer state: what
+    fine-tuning (`load_params_for_finetuning`), evaluation and answering read. Arguments as
+    `load_params_for_finetuning`'s; `what` names the caller in messages."""
+    if (allow_missing or allow_shape_mismatch) and fresh_params is None:
+        raise ValueError(f"{what}: allow_missing / allow_shape_mismatch need `fresh_params`, the values that "
+                         "params missing from the checkpoint or of another shape keep")
+    workdir = epath.Path(workdir)  # normalised: no trailing slash
     if not (workdir / "checkpoints").is_dir() and workdir.name == "checkpoints":
         workdir = workdir.parent
     if not (workdir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"init_from={os.fspath(init_from)!r}: no checkpoints directory at "
-                                f"{workdir / 'checkpoints'}")
+        raise FileNotFoundError(f"{what}: no checkpoints directory at {workdir / 'checkpoints'}")
     source = Checkpointer(workdir, save_every=1, keep=1, read_only=True,
                           _state_handler=ocp.PyTreeCheckpointHandler())
     abstract_params = nn.unbox(abstract_params)
     model = _flat(abstract_params)
     report: dict = {}
+    hint = ("config.init_from_allow.missing / unexpected / shape_mismatch accept the differences"
+            if what == "init_from" else "use the config the run was trained with")
 
     def attempt(step):
         meta = source._manager.item_metadata(step)["state"]
-        saved = {p: m.shape for p, m in _flat(meta["params"]).items()}
+        saved_meta = _flat(meta["params"])
+        saved = {p: m.shape for p, m in saved_meta.items()}
         missing, unexpected, mismatched = compare_trees(saved, {p: a.shape for p, a in model.items()})
         refused = [(missing, allow_missing), (unexpected, allow_unexpected), (mismatched, allow_shape_mismatch)]
-        if any(items and not allowed for items, allowed in refused):
+        load = {p: jax.ShapeDtypeStruct(a.shape, saved_meta[p].dtype, sharding=a.sharding)
+                for p, a in model.items() if p in saved and tuple(saved[p]) == tuple(a.shape)}
+        if any(items and not allowed for items, allowed in refused) or not load:
+            sample = "" if load else (f"\n  no param fits; model names like {sorted(model)[:3]}, checkpoint "
+                                      f"names like {sorted(saved)[:3]}")
             raise CheckpointMismatchError(_mismatch_message(
-                f"init_from: params of checkpoint step {step} at {source.step_path(step)} do not fit the "
-                "model (allow_missing / allow_unexpected / allow_shape_mismatch to accept):",
+                f"{what}: params of checkpoint step {step} at {source.step_path(step)} do not fit the "
+                f"model ({hint}):" + sample,
                 missing, unexpected, mismatched))
-        if (missing or mismatched) and fresh_params is None:
-            raise ValueError("init_from: missing or mismatched params need `fresh_params` to keep")
-        load = {p: a for p, a in model.items() if p in saved and tuple(saved[p]) == tuple(a.shape)}
         item = {"params": _unflatten_like(abstract_params, load)}
         restored = source._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                          partial_restore=True),
             fingerprint=ocp.args.JsonRestore()))
-        loaded = _flat(restored.state["params"])
         _verify(restored.state["params"], restored.fingerprint, prefix="params/")
         report.update(missing=missing, unexpected=unexpected, mismatched=mismatched)
-        return loaded
+        return _flat(restored.state["params"])
 
     try:
         found = source._restore_first_good(attempt)
     finally:
         source.close()
     if found is None:
-        raise FileNotFoundError(f"init_from={init_from!r}: no usable checkpoint in {source.directory}"
+        raise FileNotFoundError(f"{what}: no usable checkpoint in {source.directory}"
                                 + "".join(f"\n  {p}" for p in source.problems))
     step, loaded = found
+    cast = sorted(f"{p}: {loaded[p].dtype} -> {model[p].dtype}" for p in loaded if loaded[p].dtype != model[p].dtype)
+    loaded = {p: x.astype(model[p].dtype) for p, x in loaded.items()}
     fresh = _flat(fresh_params) if fresh_params is not None else {}
     params = _unflatten_like(abstract_params, {p: loaded[p] if p in loaded else fresh[p] for p in model})
     kept_fresh = report["missing"] + [m.split(":")[0] for m in report["mismatched"]]
-    logging.info("init_from: loaded %d params from step %d of %s", len(loaded), step, source.directory)
+    logging.info("%s: loaded %d params from step %d of %s", what, len(loaded), step, source.directory)
+    if cast:
+        logging.info("%s: %d params cast to the model's dtype, e.g. %s", what, len(cast), cast[0])
     if kept_fresh or report["unexpected"]:
         logging.warning("%s", _mismatch_message(
-            f"init_from step {step}: {len(kept_fresh)} params keep their fresh initialisation, "
+            f"{what} step {step}: {len(kept_fresh)} params keep their fresh initialisation, "
             f"{len(report['unexpected'])} checkpoint params are dropped:",
             report["missing"], report["unexpected"], report["mismatched"]))
-    return params
+    return step, params
 
 
 def _unflatten_like(template, flat: dict[str, Any]):

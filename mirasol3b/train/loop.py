@@ -129,6 +129,10 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
         data_iter.set_state(data_state)
         print(f"resumed from step {step} ({checkpointer.step_path(step)})", flush=True)
         return state, shardings, step
+    if checkpointer.all_steps():  # starting over would bury them under new steps of the same numbers
+        raise RuntimeError(f"no checkpoint in {checkpointer.directory} could be restored, so the run does not "
+                           "start over; fix or move them away (or use a new workdir):"
+                           + "".join(f"\n  {p}" for p in checkpointer.problems))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(config.seed))
     if config.init_from:
@@ -192,11 +196,13 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
                 batch = global_batch(model_batch(next(data_iter), config), mesh)
                 state, metrics = step_fn(state, batch, rng)
                 done = step + 1
-                loss = float(metrics["loss"])  # one scalar a step: a NaN is caught at the step it appears
-                if not math.isfinite(loss):
+                # Two scalars a step: a NaN is caught at the step it appears, and a finite loss with
+                # infinite gradients (which clipping turns into NaN params) before its state is saved.
+                loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise NonFiniteLossError(
-                        f"loss is {loss} at step {done}; stopping. The last good checkpoint is kept "
-                        f"(step {checkpointer.latest_step()} in {checkpointer.directory}).")
+                        f"loss is {loss} (gradient norm {grad_norm}) at step {done}; stopping. The last good "
+                        f"checkpoint is kept (step {checkpointer.latest_step()} in {checkpointer.directory}).")
                 if step == start_step:  # the first step compiles; time the rest
                     t0, timed_from = time.time(), done
                 if done % config.train.log_every == 0 or done == num_steps:
@@ -210,9 +216,11 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
                     log.write(done, {**last, "steps_per_second": rate})
                 checkpointer.maybe_save(done, state, data_iter.get_state(), config, force=done == num_steps)
                 if guard.should_stop(done):
-                    checkpointer.maybe_save(done, state, data_iter.get_state(), config, force=True)
+                    saved = checkpointer.maybe_save(done, state, data_iter.get_state(), config, force=True)
                     checkpointer.wait()
-                    print(f"preempted: saved step {done} in {checkpointer.directory}; exiting", flush=True)
+                    print(f"preempted: saved step {done} in {checkpointer.directory}; exiting" if saved else
+                          f"preempted at step {done}, which could not be saved (see the warning above); the "
+                          f"next run resumes from step {checkpointer.latest_step()}; exiting", flush=True)
                     log.close()
                     checkpointer.close()
                     sys.exit(guard.exit_code)

@@ -92,6 +92,22 @@ def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mi
     return provider
 
 
+def check_eval_split(config: ml_collections.ConfigDict) -> None:
+    """Raises if a task of `config.data.task` lacks `config.eval.split`: `mirasol3b.main` calls it
+    before training, so a wrong split fails now rather than at the final evaluation (after which a
+    rerun finds the run finished and never evaluates)."""
+    from mirasol3b.configlib import ConfigError
+
+    provider, split = resolve_provider(config), config.eval.split
+    try:
+        tasks_lib.check_prepared(provider, split)  # TFDS sources: not built -> FileNotFoundError
+    except ValueError as e:
+        raise ConfigError("eval.split", f"a split of the task ({e})", split) from e
+    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+        if split not in task.splits:
+            raise ConfigError("eval.split", f"a split of task {task.name!r}: {sorted(task.splits)}", split)
+
+
 def local_batch_size(config: ml_collections.ConfigDict, num_shards: int) -> int:
     if config.data.batch_size % num_shards:
         raise ValueError(f"config.data.batch_size ({config.data.batch_size}) must be a multiple of the number of "
@@ -239,11 +255,14 @@ class TrainIterator(Iterator):
         self._batches = 0
         self._log = _TruncationLog()
         self._it = None  # built on first use, so set_state before it costs nothing
+        # SeqIO takes a buffer size for a task's dataset, not a mixture's (its tasks keep their own).
+        self._shuffle_buffer = config.data.shuffle_buffer if isinstance(self._provider, seqio.Task) else None
 
     def _build(self):
         w = self._where
         ds = _task_examples(self._provider, w.split, shuffle=True, seed=w.seed, num_epochs=None,
-                            shard_info=seqio.ShardInfo(w.shard_index, w.num_shards))
+                            shard_info=seqio.ShardInfo(w.shard_index, w.num_shards),
+                            shuffle_buffer_size=self._shuffle_buffer)
         ds = ds.skip(self._batches * w.batch_size)
         ds = fc.Mirasol3BFeatureConverter()(ds, self._lengths)
         ds = ds.batch(w.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -20,7 +20,11 @@ from mirasol3b.losses import LATENT_LOSSES, LATENT_NEGATIVES
 class ConfigError(ValueError):
     """A config field holds an impossible value."""
 
-    def __init__(self, field: str, expected: str, got: Any):
+    def __init__(self, field: str, expected: str | None = None, got: Any = None):
+        if expected is None:  # a whole message: ml_collections re-raises an error of a config file
+            super().__init__(field)  # as `type(e)(str(e))`, with the field's name in the text
+            self.field = None
+            return
         super().__init__(f"config.{field}: expected {expected}, got {got!r}")
         self.field = field
 
@@ -95,7 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
         tfds_data_dir="",  # "" = $TFDS_DATA_DIR, else ~/tensorflow_datasets
         vocab_path="",  # "" = seqio.ByteVocabulary; else a SentencePiece model file
         mixture_rates="",  # "task:rate,...": registers `task` as that mixture
-        shuffle_buffer=256,  # examples; each holds a decoded clip
+        # Examples (each holds a decoded clip), for the built-in tasks and a single task of yours; in
+        # a mixture of your tasks each keeps its own (add_media_task's shuffle_buffer_size).
+        shuffle_buffer=256,
     ))
 
     # Save every N steps, keep the latest K good ones; writes overlap the next steps.

@@ -5,6 +5,8 @@ Several processes (a TPU pod slice, or hosts given `--coordinator_address`, `--n
 `--process_id`) start `jax.distributed` first: see `mirasol3b/distributed.py` and `--distributed`.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -21,12 +23,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.maybe_initialize_from_flags()
+    from data import pipeline
     from mirasol3b import configlib, evaluate
+    from mirasol3b.train import checkpoints
 
     quiet_logging()
     config = _CONFIG.value
-    configlib.validate_eval(config)  # an impossible eval setting fails now, not after training
-    train(config, _WORKDIR.value, evaluate_fn=evaluate.evaluate)
+    try:
+        # An impossible eval setting fails now, not after training.
+        configlib.validate_eval(config)
+        pipeline.check_eval_split(config)
+        train(config, _WORKDIR.value, evaluate_fn=evaluate.evaluate)
+    except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError,
+            checkpoints.CheckpointCorruptError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -350,6 +350,32 @@ def test_truncation_is_counted():
 
 # ---- the built-in tasks ----------------------------------------------------------------------
 
+def test_a_single_user_task_shuffles_with_the_configs_buffer(monkeypatch):
+    seen = []
+    real = pipeline._task_examples
+
+    def spy(provider, split, **kw):
+        if kw["num_epochs"] is None and kw.get("shuffle_buffer_size") != 1:  # the training read, not the probe
+            seen.append(kw.get("shuffle_buffer_size"))
+        return real(provider, split, **kw)
+
+    monkeypatch.setattr(pipeline, "_task_examples", spy)
+    next(pipeline.make_input_iterator(make_config(task="user_a", shuffle_buffer=5), "train", 0, 1))
+    assert seen == [5], "a task registered with 16 reads with config.data.shuffle_buffer"
+
+
+def test_a_wrong_eval_split_is_a_config_error_before_training():
+    for task in ("user_a", "user_mixture_for_split_check"):
+        if task.startswith("user_mixture"):
+            mixtures.register_mixture(task, {"user_a": 1, "user_b": 1}, replace=True)
+        cfg = make_config(task=task)
+        pipeline.check_eval_split(cfg)  # validation: every task has it
+        cfg.eval.split = "valid"
+        with pytest.raises(configlib.ConfigError, match=r"config\.eval\.split: .*'user_a'.*\['train', 'validation'\]"):
+            pipeline.check_eval_split(cfg)
+    seqio.MixtureRegistry.remove("user_mixture_for_split_check")
+
+
 def test_a_missing_dataset_is_an_error_that_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"synthetic_avqa/tiny_smoke.*tfds build data/builders/synthetic_avqa"):
         pipeline.make_input_iterator(make_config(task="synthetic_avqa_tiny_smoke", tfds_data_dir=str(tmp_path)))

@@ -624,6 +624,22 @@ def test_parse_arg_rejects_unknown_variants():
         tiny.get_config("ttm=maybe")
 
 
+def test_a_config_file_error_keeps_its_field_name_through_the_config_flag(tmp_path):
+    # ml_collections re-raises an error of a config file as `type(e)(str(e))`.
+    from absl import flags
+    from ml_collections import config_flags
+
+    bad = tmp_path / "bad_config.py"
+    bad.write_text("from configs import tiny\n\ndef get_config():\n    c = tiny.get_config()\n"
+                   "    c.model.video_encoder.num_heads = 3\n    return __import__('mirasol3b').configlib.validate(c)\n")
+    for argument, field in ((str(bad), "model.video_encoder.num_heads"), ("configs/tiny.py:tmm", "tmm")):
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values)
+        with pytest.raises(flags.IllegalFlagValueError) as err:
+            flag_values(["prog", f"--config={argument}"])
+        assert field in str(err.value) and "positional argument" not in str(err.value), str(err.value)
+
+
 def _leaf_paths(cfg, prefix=""):
     for key in cfg.keys():
         value = cfg[key]

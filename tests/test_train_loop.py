@@ -63,7 +63,7 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
             for name in files:
                 if "/d" in root[len(state_dir):]:  # the array store's data files
                     os.truncate(os.path.join(root, name), 0)
-    with pytest.raises(RuntimeError, match=r"(?s)no checkpoint in .* could be restored, so the run does not "
+    with pytest.raises(ckpt.CheckpointCorruptError, match=r"(?s)no checkpoint in .* could be restored, so the run does not "
                                            r"start over.*step 6 at .*corrupt.*step 4 at .*corrupt"):
         loop.train(_config(8), workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
 

@@ -77,7 +77,8 @@ class CheckpointMismatchError(ValueError):
 
 
 class CheckpointCorruptError(RuntimeError):
-    """A checkpoint could be read, but its arrays differ from what was written."""
+    """A checkpoint could be read, but its arrays differ from what was written (or no checkpoint of
+    a run could be restored)."""
 
 
 # ---- helpers -----------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
         print(f"resumed from step {step} ({checkpointer.step_path(step)})", flush=True)
         return state, shardings, step
     if checkpointer.all_steps():  # starting over would bury them under new steps of the same numbers
-        raise RuntimeError(f"no checkpoint in {checkpointer.directory} could be restored, so the run does not "
+        raise ckpt.CheckpointCorruptError(f"no checkpoint in {checkpointer.directory} could be restored, so the run does not "
                            "start over; fix or move them away (or use a new workdir):"
                            + "".join(f"\n  {p}" for p in checkpointer.problems))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -156,7 +156,11 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
     """
     configlib.validate(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    mesh = sharding.make_mesh(config.mesh_shape)
+    try:
+        mesh = sharding.make_mesh(config.mesh_shape)
+    except ValueError as e:
+        raise configlib.ConfigError("mesh_shape", f"a shape for the {jax.device_count()} devices here ({e})",
+                                    tuple(config.mesh_shape)) from e
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.data.batch_size % data_shards:
         raise configlib.ConfigError("data.batch_size", f"a multiple of the data x fsdp mesh size ({data_shards})",

@@ -1,6 +1,6 @@
 """Paper-sized Mirasol3B (~3B parameters) on 128 frames. Variants: `configs/mirasol3b.py:ttm`.
 
-Numbers follow the "Our paper-sized configuration" table of PAPER_NOTES.md; fields marked [ours]
+Numbers follow the paper where it gives them (arXiv 2311.05698); fields marked [ours]
 are choices nothing public fixes, with the reason beside them. `python -m mirasol3b.summary
 --config=configs/mirasol3b.py` prints the parameter count of each part and the train-step FLOPs.
 """
@@ -16,7 +16,9 @@ def get_config(arg: str | None = None):
     config.mesh_shape = (-1, 8, 1)
 
     m = config.model
-    m.vocab_size = 32_000  # 32k SentencePiece vocabulary
+    # A 32k SentencePiece vocabulary: set data.vocab_path to its .model file (README, "Before the
+    # first run"); the default byte vocabulary would use 259 of these rows.
+    m.vocab_size = 32_000
     m.dtype = "bfloat16"
     m.param_dtype = "float32"
     # 6.3k video tokens per clip: keep only each layer's input and recompute the rest in the
@@ -48,7 +50,7 @@ def get_config(arg: str | None = None):
     config.data.batch_size = 256
 
     # The latent loss stays the library default, contrastive (InfoNCE over the batch, both sides
-    # trained), not DESIGN.md's stop-gradient MSE target: that target was lowered by making every
+    # trained), not our design notes' stop-gradient MSE target: that target was lowered by making every
     # clip's latents alike (README "Design choices") [ours].
     config.loss.latent_loss = "contrastive"
 

@@ -1,4 +1,4 @@
-"""Task examples -> the model batch of DESIGN.md ("Batch"), one example at a time (batching is the pipeline's).
+"""Task examples -> the model batch (README, "The batch"), one example at a time (batching is the pipeline's).
 
 Task features in (what `data/tasks.py` outputs):
   prompt        int32 [P]            token ids, no EOS

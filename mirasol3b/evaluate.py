@@ -183,8 +183,9 @@ def evaluate(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh 
     (`mesh=None`). `split`, `max_batches` (0: all) and `decode` default to `config.eval`.
     """
     split = split or config.eval.split
+    max_batches = config.eval.max_batches if max_batches is None else max_batches
     metrics = score(predict(config, params, mesh, split=split, max_batches=max_batches, decode=decode))
-    return {"split": split, **metrics}
+    return {"split": split, **({"max_batches": max_batches} if max_batches else {}), **metrics}
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -245,8 +246,11 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
 
 
 def write_metrics(workdir: epath.PathLike, metrics: dict) -> epath.Path:
-    """`metrics` (with its `step` and `split`) as one JSON line in `workdir/eval_<split>_step<N>.json`."""
-    path = epath.Path(workdir) / f"eval_{metrics['split']}_step{metrics['step']}.json"
+    """`metrics` (with its `step` and `split`) as one JSON line in `workdir/eval_<split>_step<N>.json`,
+    or `..._step<N>_first<K>batches.json` for a partial evaluation (`max_batches` K), which thus
+    never replaces the whole split's."""
+    partial = f"_first{metrics['max_batches']}batches" if metrics.get("max_batches") else ""
+    path = epath.Path(workdir) / f"eval_{metrics['split']}_step{metrics['step']}{partial}.json"
     path.write_text(json.dumps(metrics) + "\n")
     return path
 

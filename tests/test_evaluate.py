@@ -196,6 +196,8 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
 
     metrics = evaluate.evaluate(restored_config, restored, mesh, max_batches=2)
     assert metrics["num_examples"] == 2 and 0 <= metrics["exact_match"] <= 1
+    written = evaluate.write_metrics(str(tmp_path), {"step": 5, **metrics})  # beside, not over, the whole split's
+    assert written.name == "eval_validation_step5_first2batches.json" and metrics["max_batches"] == 2
     assert all(isinstance(s["prediction"], str) for s in metrics["samples"])
 
     clip = str(tmp_path / "clip.mp4")

@@ -99,4 +99,4 @@ def main(argv, config_flag) -> None:
 
 if __name__ == "__main__":
     _CONFIG = _define_flags()
-    app.run(lambda argv: main(argv, _CONFIG))
+    app.run(lambda argv: main(argv, _CONFIG), flags_parser=configlib.parse_flags)

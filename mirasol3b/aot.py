@@ -338,4 +338,4 @@ if __name__ == "__main__":
     _backend = flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "cpu"],
                                  "auto: TPU when libtpu is installed, else CPU on the slice's chip count.")
     flags.mark_flag_as_required("config")
-    app.run(lambda argv: main(argv, _config, _topology, _fake, _backend))
+    app.run(lambda argv: main(argv, _config, _topology, _fake, _backend), flags_parser=configlib.parse_flags)

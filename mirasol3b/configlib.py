@@ -29,6 +29,22 @@ class ConfigError(ValueError):
         self.field = field
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `app.run(main, flags_parser=configlib.parse_flags)`, where an override
+    of a field the config lacks (`--config.modle.dtype=...`) is one line naming it instead of a
+    traceback from inside ml_collections (which raises AttributeError or KeyError there)."""
+    import sys
+
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        sys.exit(f"FATAL Flags parsing error: a --config override names a field the config does not have: "
+                 f"{e.args[0] if e.args else e} (overrides given: {', '.join(overrides)})")
+
+
 def _stack(width: int, depth: int, num_heads: int, mlp_dim: int, head_dim: int = 0) -> ml_collections.ConfigDict:
     """`head_dim` 0: width // num_heads (which must then divide)."""
     return ml_collections.ConfigDict(dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,

@@ -107,5 +107,7 @@ def main(argv, flag_values) -> None:
 
 
 if __name__ == "__main__":
+    from mirasol3b import configlib
+
     _FLAGS = _define_flags()
-    app.run(lambda argv: main(argv, _FLAGS))
+    app.run(lambda argv: main(argv, _FLAGS), flags_parser=configlib.parse_flags)

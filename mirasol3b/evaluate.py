@@ -295,4 +295,4 @@ def main(argv, flag_values) -> None:
 
 if __name__ == "__main__":
     _FLAGS = _define_flags()
-    app.run(lambda argv: main(argv, _FLAGS))
+    app.run(lambda argv: main(argv, _FLAGS), flags_parser=configlib.parse_flags)

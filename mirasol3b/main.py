@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mirasol3b import distributed
+from mirasol3b import configlib, distributed
 from mirasol3b.train.loop import quiet_logging, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:ttm].",
@@ -24,7 +24,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.maybe_initialize_from_flags()
     from data import pipeline
-    from mirasol3b import configlib, evaluate
+    from mirasol3b import evaluate
     from mirasol3b.train import checkpoints
 
     quiet_logging()
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=configlib.parse_flags)

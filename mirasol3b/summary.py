@@ -295,4 +295,4 @@ if __name__ == "__main__":
     _config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirasol3b.py[:ttm].")
     _flops = flags.DEFINE_bool("flops", True, "Lower the train step to count its FLOPs.")
     flags.mark_flag_as_required("config")
-    app.run(lambda argv: main(argv, _config, _flops))
+    app.run(lambda argv: main(argv, _config, _flops), flags_parser=configlib.parse_flags)

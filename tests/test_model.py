@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import subprocess
+import sys
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from flax import linen as nn
+from ml_collections import config_flags
 
 from configs import tiny
 from mirasol3b import configlib, losses, sharding
@@ -626,9 +631,6 @@ def test_parse_arg_rejects_unknown_variants():
 
 def test_a_config_file_error_keeps_its_field_name_through_the_config_flag(tmp_path):
     # ml_collections re-raises an error of a config file as `type(e)(str(e))`.
-    from absl import flags
-    from ml_collections import config_flags
-
     bad = tmp_path / "bad_config.py"
     bad.write_text("from configs import tiny\n\ndef get_config():\n    c = tiny.get_config()\n"
                    "    c.model.video_encoder.num_heads = 3\n    return __import__('mirasol3b').configlib.validate(c)\n")
@@ -638,6 +640,15 @@ def test_a_config_file_error_keeps_its_field_name_through_the_config_flag(tmp_pa
         with pytest.raises(flags.IllegalFlagValueError) as err:
             flag_values(["prog", f"--config={argument}"])
         assert field in str(err.value) and "positional argument" not in str(err.value), str(err.value)
+
+
+def test_an_override_of_a_field_the_config_lacks_is_one_line_naming_it():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "mirasol3b.summary", "--config=configs/tiny.py",
+                           "--config.modle.dtype=float32"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "names a field the config does not have" in done.stderr and 'Did you mean "model"' in done.stderr
+    assert "--config.modle.dtype" in done.stderr
 
 
 def _leaf_paths(cfg, prefix=""):

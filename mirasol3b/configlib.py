@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
         max_new_tokens=8,  # answers are short; prompt (data.text_length) + these must fit the decoder
         decode_method="greedy",  # greedy | beam | sample
         beam_size=4,
+        length_penalty=0.0,  # beam: alpha of ((5 + len) / 6) ** alpha; 0 = raw log-probability
+        temperature=1.0,  # sample: 0 = greedy
+        top_k=0,  # sample: 0 = no top-k filtering
+        top_p=1.0,  # sample: 1 = no nucleus filtering
         split="validation",
         every_steps=0,  # during training; 0 = only at the end
         max_batches=0,  # 0 = the whole split
@@ -309,6 +313,10 @@ RULES: dict[str, Callable] = {
     "eval.max_new_tokens": _pos_int,
     "eval.decode_method": _one_of("greedy", "beam", "sample"),
     "eval.beam_size": _pos_int,
+    "eval.length_penalty": _number(0.0),
+    "eval.temperature": _number(0.0),
+    "eval.top_k": _nonneg_int,
+    "eval.top_p": _number(0.0, 1.0, lo_open=True),
     "eval.split": _nonempty_str,
     "eval.every_steps": _nonneg_int,
     "eval.max_batches": _nonneg_int,

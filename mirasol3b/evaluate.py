@@ -66,7 +66,8 @@ def decode_config(config: ml_collections.ConfigDict) -> decoding.DecodeConfig:
 
     e = config.eval
     return decoding.DecodeConfig(max_new_tokens=e.max_new_tokens, method=e.decode_method, beam_size=e.beam_size,
-                                 eos_id=EOS_ID, pad_id=PAD_ID)
+                                 length_penalty=e.length_penalty, temperature=e.temperature, top_k=e.top_k,
+                                 top_p=e.top_p, eos_id=EOS_ID, pad_id=PAD_ID)
 
 
 _GENERATE_FNS: dict = {}

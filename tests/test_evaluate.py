@@ -156,6 +156,16 @@ def test_missing_checkpoint_names_the_workdir(tmp_path):
         evaluate.restore_params(make_config(), str(tmp_path), mesh)
 
 
+def test_every_decoding_setting_is_a_config_field():
+    cfg = make_config()
+    cfg.eval.update(decode_method="sample", temperature=0.5, top_k=3, top_p=0.9, length_penalty=0.6, beam_size=2)
+    d = evaluate.decode_config(configlib.validate(cfg))
+    assert (d.method, d.temperature, d.top_k, d.top_p, d.length_penalty, d.beam_size) == ("sample", 0.5, 3, 0.9, 0.6, 2)
+    cfg.eval.top_p = 0.0
+    with pytest.raises(configlib.ConfigError, match=r"config\.eval\.top_p"):
+        configlib.validate(cfg)
+
+
 def test_eval_config_is_checked():
     cfg = make_config()
     cfg.eval.max_new_tokens = cfg.model.text_decoder.max_length  # no room after the prompt window

@@ -69,7 +69,7 @@ class MetricsLog:
     small (one line per `train.log_every` steps), and a crash loses at most the line being written.
     """
 
-    def __init__(self, workdir: epath.PathLike):
+    def __init__(self, workdir: epath.PathLike, resumed_from: int = 0):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             import tensorflow as tf
@@ -83,7 +83,18 @@ class MetricsLog:
             self._tf = tf
             self.path = epath.Path(workdir) / "metrics.jsonl"
             self.path.touch()  # present from the start, as an opened log would be
+            self._drop_after(resumed_from)
             self._writer = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))  # gs:// too
+
+    def _drop_after(self, step: int) -> None:
+        """Lines of steps after the checkpoint resumed from were written by a run that died before
+        saving them; those steps are trained again, so their old lines go (one line per step)."""
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            self.path.write_text("".join(line + "\n" for line in kept))
+            print(f"metrics.jsonl: dropped {len(lines) - len(kept)} lines of steps after {step}, "
+                  "which this run trains again", flush=True)
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
@@ -186,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
         return {}
 
     batch_shardings = jax.tree.map(lambda x: x.sharding, example)
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, resumed_from=start_step)
     last: dict = {}
     eval_every = config.eval.every_steps
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES), ckpt.PreemptionGuard() as guard:

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -56,6 +57,18 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     assert os.listdir(os.path.join(workdir, "tensorboard")), "TensorBoard event files are written"
     assert loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size)) == {}
     assert "nothing to do" in capsys.readouterr().out
+    # The run died during its final evaluation: a rerun evaluates the last step, once.
+    calls = []
+
+    def evaluate_fn(config, params, mesh):
+        calls.append(int(jax.tree.leaves(params)[0].shape[0]))
+        return {"exact_match": 0.5}
+
+    for _ in range(2):
+        assert loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size), evaluate_fn=evaluate_fn) == {}
+    assert len(calls) == 1 and "its final evaluation is missing: evaluating" in capsys.readouterr().out
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [(m["step"], m["split"]) for m in lines][-1] == (6, "eval") and lines[-1]["exact_match"] == 0.5
 
     # Every checkpoint unreadable: the run refuses to start over (its new steps 2, 4 and 6 would
     # be refused next to the old ones, or mistaken for them), naming each one.

@@ -194,7 +194,8 @@ def _all_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def _primary_decides(value: bool) -> bool:
+def primary_decides(value: bool) -> bool:
+    """Process 0's `value`, on every process (one process: itself)."""
     if jax.process_count() == 1:
         return value
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
@@ -374,7 +375,7 @@ class Checkpointer:
             return False
         existing = self.step_path(step)
         blocker = existing if epath.Path(existing).exists() else self._half_written().get(step)
-        if _primary_decides(blocker is not None):
+        if primary_decides(blocker is not None):
             self._report(f"checkpoint step {step}: not saved, because {blocker or existing} already exists "
                          "(a corrupt or half-written checkpoint, left untouched); the next save goes ahead")
             return False

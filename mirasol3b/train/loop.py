@@ -86,6 +86,13 @@ class MetricsLog:
             self._drop_after(resumed_from)
             self._writer = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))  # gs:// too
 
+    def has_eval(self, step: int) -> bool:
+        """Whether an evaluation of `step` was logged (every process gets process 0's answer)."""
+        found = self.enabled and any(
+            line.strip() and json.loads(line)["step"] == step and json.loads(line)["split"] == "eval"
+            for line in self.path.read_text().splitlines())
+        return ckpt.primary_decides(found)
+
     def _drop_after(self, step: int) -> None:
         """Lines of steps after the checkpoint resumed from were written by a run that died before
         saving them; those steps are trained again, so their old lines go (one line per step)."""
@@ -192,8 +199,15 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
     print(f"model: {num_params:,} parameters, combiner={config.model.combiner}, mesh={dict(mesh.shape)}, "
           f"steps {start_step}->{num_steps}", flush=True)
     if start_step >= num_steps:
-        print(f"already trained to step {start_step} (train.num_steps={num_steps}); nothing to do", flush=True)
         checkpointer.close()
+        log = MetricsLog(workdir, resumed_from=start_step)
+        if evaluate_fn is None or log.has_eval(start_step):
+            print(f"already trained to step {start_step} (train.num_steps={num_steps}); nothing to do", flush=True)
+        else:  # the run that trained it died during its final evaluation
+            print(f"already trained to step {start_step}; its final evaluation is missing: evaluating", flush=True)
+            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+                _evaluate(evaluate_fn, config, state.params, mesh, log, start_step)
+        log.close()
         return {}
 
     batch_shardings = jax.tree.map(lambda x: x.sharding, example)
@@ -240,15 +254,19 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
                     checkpointer.close()
                     sys.exit(guard.exit_code)
                 if evaluate_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
-                    results = evaluate_fn(config, state.params, mesh)
-                    log.write(done, results, prefix="eval")
-                    print(f"eval at step {done}: " + json.dumps(
-                        {k: v for k, v in results.items() if isinstance(v, (int, float))}), flush=True)
+                    _evaluate(evaluate_fn, config, state.params, mesh, log, done)
         finally:
             checkpointer.wait()
     log.close()
     checkpointer.close()
     return last
+
+
+def _evaluate(evaluate_fn, config, params, mesh, log: MetricsLog, step: int) -> None:
+    results = evaluate_fn(config, params, mesh)
+    log.write(step, results, prefix="eval")
+    print(f"eval at step {step}: " + json.dumps({k: v for k, v in results.items() if isinstance(v, (int, float))}),
+          flush=True)
 
 
 def _peek(data_iter):

@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
         # Examples (each holds a decoded clip), for the built-in tasks and a single task of yours; in
         # a mixture of your tasks each keeps its own (add_media_task's shuffle_buffer_size).
         shuffle_buffer=256,
+        # Resuming with another input pipeline (task, batch size, host count, seed) than the one the
+        # checkpoint saved the position of: True restarts the new pipeline from its beginning.
+        reset_position=False,
     ))
 
     # Save every N steps, keep the latest K good ones; writes overlap the next steps.
@@ -294,6 +297,7 @@ RULES: dict[str, Callable] = {
     "data.vocab_path": _str,
     "data.mixture_rates": _rates,
     "data.shuffle_buffer": _pos_int,
+    "data.reset_position": _bool,
     "checkpoint.every_steps": _pos_int,
     "checkpoint.keep": _pos_int,
     "checkpoint.async_save": _bool,

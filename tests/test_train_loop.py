@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from mirasol3b import configlib
 from mirasol3b.train import checkpoints as ckpt
 from mirasol3b.train import loop
 from mirasol3b.train.random_batches import RandomBatches
@@ -57,6 +58,25 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     assert os.listdir(os.path.join(workdir, "tensorboard")), "TensorBoard event files are written"
     assert loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size)) == {}
     assert "nothing to do" in capsys.readouterr().out
+    # Another input pipeline than the checkpoint's (here: one that refuses its saved position, as
+    # the SeqIO pipeline does for another task, batch size, host count or seed).
+    class OtherPipeline(RandomBatches):
+        def get_state(self):
+            return {**super().get_state(), "pipeline": "other"}
+
+        def set_state(self, state):
+            if state.get("pipeline") != "other":
+                raise ValueError("the saved data position does not apply to this input pipeline")
+            super().set_state(state)
+
+    with pytest.raises(configlib.ConfigError, match=r"config\.data\.reset_position: expected True to resume "
+                                                     r"checkpoint step 6 .*does not apply"):
+        loop.train(cfg, workdir, data_iter=OtherPipeline(cfg, cfg.data.batch_size))
+    cfg.data.reset_position = True
+    assert loop.train(cfg, workdir, data_iter=OtherPipeline(cfg, cfg.data.batch_size)) == {}
+    assert "resumed from step 6" in capsys.readouterr().out
+    cfg.data.reset_position = False
+
     # The run died during its final evaluation: a rerun evaluates the last step, once.
     calls = []
 

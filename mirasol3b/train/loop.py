@@ -144,7 +144,16 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
     restored = checkpointer.restore_latest(abstract)
     if restored is not None:
         step, state, data_state = restored
-        data_iter.set_state(data_state)
+        try:
+            data_iter.set_state(data_state)
+        except ValueError as e:  # another task, batch size, host count or seed than the saved position's
+            if not config.data.reset_position:
+                raise configlib.ConfigError(
+                    "data.reset_position", f"True to resume checkpoint step {step} ({checkpointer.step_path(step)}) "
+                    f"with another input pipeline than the one whose position it saved ({e}); the data then "
+                    "restarts from its beginning", False) from e
+            logging.warning("checkpoint step %d: %s; data.reset_position: the input pipeline starts from its "
+                            "beginning", step, e)
         print(f"resumed from step {step} ({checkpointer.step_path(step)})", flush=True)
         return state, shardings, step
     if checkpointer.all_steps():  # starting over would bury them under new steps of the same numbers

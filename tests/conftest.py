@@ -8,7 +8,8 @@ import tempfile
 # Compiling is most of the suite's time: without LLVM's expensive passes (and XLA's backend
 # optimisation) compiles take ~40% less, and XLA:CPU's older elemental emitter instead of its MLIR
 # fusion emitters another ~35% of the compile's CPU time (the tiny train step: 13 -> 8 CPU-s). The
-# programs compute the same values; the speed of code is measured in benchmarks/, never here.
+# programs compute the same functions (an emitter's exp may differ in the last bits; every
+# comparison here runs under these flags); the speed of code is measured in benchmarks/, never here.
 # Child processes the tests start inherit this.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

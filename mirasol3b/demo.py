@@ -99,8 +99,7 @@ def main(argv, flag_values) -> None:
     line = json.dumps(metrics)
     print(line, flush=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{metrics['split']}_step{metrics['step']}.json"), "w") as f:
-            f.write(line + "\n")
+        evaluate.write_metrics(workdir, metrics)
     example = answer_example_clip(config, workdir)
     print(f"clip: {example['clip']}\nquestion: {example['question']}\n"
           f"answer: {example['prediction']}   (reference: {example['reference']})", flush=True)

@@ -46,12 +46,12 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     cfg = _config(4)
     loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:  # a run that died after logging step 6
-        f.write(json.dumps({"step": 6, "split": "train", "loss": 1.0}) + "\n")
+        f.write(json.dumps({"step": 6, "split": "train", "loss": 1.0}) + '\n{"step": 8, "spl')  # ...while writing
     cfg = _config(6)
     data = RandomBatches(cfg, cfg.data.batch_size)
     loop.train(cfg, workdir, data_iter=data)
     out = capsys.readouterr().out
-    assert "resumed from step 4" in out and "dropped 1 lines of steps after 4" in out
+    assert "resumed from step 4" in out and "dropped 2 lines of steps after 4" in out
     assert data.position == 6, "the data position was restored with the state"
     steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert steps == [2, 4, 6]

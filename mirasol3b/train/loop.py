@@ -86,22 +86,33 @@ class MetricsLog:
             self._drop_after(resumed_from)
             self._writer = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))  # gs:// too
 
+    def _records(self) -> list[tuple[str, dict | None]]:
+        """(line, its record, or None for a line a crash left unfinished) of metrics.jsonl."""
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            out.append((line, record if isinstance(record, dict) and "step" in record else None))
+        return out
+
     def has_eval(self, step: int) -> bool:
         """Whether an evaluation of `step` was logged (every process gets process 0's answer)."""
-        found = self.enabled and any(
-            line.strip() and json.loads(line)["step"] == step and json.loads(line)["split"] == "eval"
-            for line in self.path.read_text().splitlines())
+        found = self.enabled and any(r is not None and r["step"] == step and r.get("split") == "eval"
+                                     for _, r in self._records())
         return ckpt.primary_decides(found)
 
     def _drop_after(self, step: int) -> None:
         """Lines of steps after the checkpoint resumed from were written by a run that died before
-        saving them; those steps are trained again, so their old lines go (one line per step)."""
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        if len(kept) < len(lines):
+        saving them; those steps are trained again, so their old lines go (as does a line the crash
+        left unfinished)."""
+        records = self._records()
+        kept = [line for line, r in records if r is not None and r["step"] <= step]
+        if len(kept) < len(records):
             self.path.write_text("".join(line + "\n" for line in kept))
-            print(f"metrics.jsonl: dropped {len(lines) - len(kept)} lines of steps after {step}, "
-                  "which this run trains again", flush=True)
+            print(f"metrics.jsonl: dropped {len(records) - len(kept)} lines of steps after {step} (trained "
+                  "again) or left unfinished", flush=True)
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
@@ -157,9 +168,9 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
         print(f"resumed from step {step} ({checkpointer.step_path(step)})", flush=True)
         return state, shardings, step
     if checkpointer.all_steps():  # starting over would bury them under new steps of the same numbers
-        raise ckpt.CheckpointCorruptError(f"no checkpoint in {checkpointer.directory} could be restored, so the run does not "
-                           "start over; fix or move them away (or use a new workdir):"
-                           + "".join(f"\n  {p}" for p in checkpointer.problems))
+        raise ckpt.CheckpointCorruptError(
+            f"no checkpoint in {checkpointer.directory} could be restored, so the run does not start over; "
+            "fix or move them away (or use a new workdir):" + "".join(f"\n  {p}" for p in checkpointer.problems))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(config.seed))
     if config.init_from:

@@ -71,9 +71,19 @@ def train_step(model, optimizer, batch, clip_norm: float):
 
 def count_flops(model, batch) -> dict:
     """Forward + backward FLOPs. PyTorch's counter has no formula for the CPU flash-attention
-    kernel that F.scaled_dot_product_attention picks here; it is given the generic SDPA one."""
+    kernel that F.scaled_dot_product_attention may pick; it is given the generic SDPA ones. (At the
+    benchmark's configuration the peer's attention runs as plain matmuls, counted as such.)"""
     import torch
     from torch.utils import flop_counter
+
+    def as_registered(formula):
+        # torch's formulas are already wrapped for (args, out_shape); FlopCounterMode wraps a
+        # custom mapping's functions again unless they say they are raw: "got multiple values
+        # for keyword argument 'out_shape'" otherwise.
+        def counted(*args, **kwargs):
+            return formula(*args, **kwargs)
+        counted._get_raw = True
+        return counted
 
     aten = torch.ops.aten
     extra = {}
@@ -81,7 +91,7 @@ def count_flops(model, batch) -> dict:
                           ("_scaled_dot_product_flash_attention_for_cpu_backward",
                            flop_counter.sdpa_backward_flop)):
         if hasattr(aten, name):
-            extra[getattr(aten, name)] = formula
+            extra[getattr(aten, name)] = as_registered(formula)
     model.zero_grad(set_to_none=True)
     with flop_counter.FlopCounterMode(display=False, custom_mapping=extra) as counter:
         loss = model(**batch)

@@ -30,6 +30,7 @@ import ast
 import copy
 import importlib.util
 import os
+import re
 import sys
 import time
 
@@ -52,12 +53,15 @@ TARGET = 0.40
 # One device holds the whole batch, so memory allows saving every projection's output for the
 # backward pass (batch 16 on an H200); the config's nothing_saveable is sized for pod-scale batches.
 ONE_DEVICE_REMAT = "dots_with_no_batch_dims_saveable"
-# Dense bf16 peak FLOP/s by device kind (vendor figures, no sparsity); first match wins.
+# Dense bf16 peak FLOP/s by device kind (vendor figures, no sparsity): the first name found in
+# `device_kind` as whole words wins ("L4" is not found in "L40", nor "H100" in "GH200"), so a
+# variant comes before its family. A kind not listed falls back to the measured matmul.
 PEAK_BF16 = (
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+    ("H200 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12),
+    ("H100", 989e12), ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12),
+    ("L40", 181e12), ("L4", 121e12), ("A10", 125e12),
     ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+    ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4 lite", 138e12), ("TPU v4", 275e12),
 )
 
 
@@ -127,7 +131,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def peak_flops(device, dtype) -> tuple[float | None, str]:
     kind = device.device_kind
     for key, value in PEAK_BF16:
-        if key.lower() in kind.lower():
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", kind, re.IGNORECASE):
             return value, f"vendor dense bf16 peak for {key}"
     return None, f"unknown device kind {kind!r}"
 

@@ -18,6 +18,21 @@ def test_parse_overrides_reads_literals_and_strings():
         accelerator.parse_overrides(["model.attention_impl"])
 
 
+class _Device:
+    def __init__(self, kind):
+        self.device_kind = kind
+
+
+def test_peak_is_the_device_s_own_not_a_name_it_contains():
+    want = {"NVIDIA H200": 989, "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 NVL": 835, "NVIDIA H100 PCIe": 756,
+            "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L40": 181, "NVIDIA L40S": 362, "NVIDIA L4": 121,
+            "NVIDIA GB200": 2500, "NVIDIA B200": 2250, "TPU v4": 275, "TPU v4 lite": 138, "TPU v5 lite": 197,
+            "TPU v5p": 459, "TPU v6 lite": 918}
+    got = {kind: round(accelerator.peak_flops(_Device(kind), None)[0] / 1e12) for kind in want}
+    assert got == want
+    assert accelerator.peak_flops(_Device("NVIDIA A10G"), None)[0] is None  # unknown: the measured matmul
+
+
 def test_cpu_run_searches_the_batch_and_reports_mfu(tmp_path, monkeypatch, capsys):
     summary = tmp_path / "summary.jsonl"
     monkeypatch.setattr(sys, "argv", [

@@ -83,7 +83,7 @@ def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mi
     provider = seqio.get_mixture_or_task(name)
     if isinstance(provider, seqio.Mixture):
         provider = mixtures_lib.rebind(name)  # it may hold tasks replaced by register_tasks above
-    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+    for task in tasks_lib.tasks_of(provider):
         task_vocab = task.output_features["prompt"].vocabulary
         if task_vocab != vocabulary:
             raise ValueError(f"task {task.name!r} tokenizes with {task_vocab}, but the config's vocabulary is "
@@ -103,7 +103,7 @@ def check_eval_split(config: ml_collections.ConfigDict) -> None:
         tasks_lib.check_prepared(provider, split)  # TFDS sources: not built -> FileNotFoundError
     except ValueError as e:
         raise ConfigError("eval.split", f"a split of the task ({e})", split) from e
-    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+    for task in tasks_lib.tasks_of(provider):
         if split not in task.splits:
             raise ConfigError("eval.split", f"a split of task {task.name!r}: {sorted(task.splits)}", split)
 
@@ -143,7 +143,7 @@ def check_has_examples(provider, split: str, seed: int | None, shard_info: seqio
     whose filters keep nothing in this shard costs more: one pass over the shard, decoding every
     clip, and then up to one pass over the whole split to tell an empty shard from an empty split.
     """
-    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    tasks = tasks_lib.tasks_of(provider)
     for task in tasks:
         if split not in task.splits:
             continue  # a mixture skips it; a lone task fails in seqio with its own message
@@ -190,7 +190,7 @@ def _with_metadata(task: seqio.Task):
 def _eval_examples(provider, split: str) -> tf.data.Dataset:
     """Every example of `split` once, unshuffled, with its metadata; a mixture's tasks one after
     another (rates do not apply)."""
-    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    tasks = tasks_lib.tasks_of(provider)
     tasks = [t for t in tasks if split in t.splits]
     if not tasks:
         raise ValueError(f"no task of {provider.name!r} has a {split!r} split")

@@ -126,11 +126,15 @@ def register_tasks(data_dir: str | None = None, vocabulary: seqio.Vocabulary | N
     return list(tasks)
 
 
+def tasks_of(provider: seqio.Task | seqio.Mixture) -> list[seqio.Task]:
+    """A mixture's tasks, or the task itself."""
+    return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+
+
 def check_prepared(provider: seqio.Task | seqio.Mixture, split: str) -> None:
     """Raises, naming the dataset, its data dir and the command that builds it, if a TFDS source
     of `provider` has not been built (or lacks `split`)."""
-    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    for task in tasks:
+    for task in tasks_of(provider):
         source = task.source
         if not isinstance(source, seqio.TfdsDataSource):
             continue

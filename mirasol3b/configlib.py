@@ -7,11 +7,13 @@ runs before anything is built or compiled and names the field and what was expec
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
 import ml_collections
+from absl import app
 
 from mirasol3b.layers.spec import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, fused_attention_fits
 from mirasol3b.losses import LATENT_LOSSES, LATENT_NEGATIVES
@@ -33,10 +35,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing for `app.run(main, flags_parser=configlib.parse_flags)`, where an override
     of a field the config lacks (`--config.modle.dtype=...`) is one line naming it instead of a
     traceback from inside ml_collections (which raises AttributeError or KeyError there)."""
-    import sys
-
-    from absl import app
-
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:

@@ -182,9 +182,9 @@ def _verify(restored, expected: dict[str, list[int]], prefix: str = "") -> None:
             + ", ".join(prefix + p for p in bad[:5]) + (" ..." if len(bad) > 5 else ""))
 
 
-def _shape_dtype(x) -> tuple:
-    """(shape, dtype name) of an array, ShapeDtypeStruct or Orbax array metadata."""
-    return tuple(x.shape), jnp.dtype(x.dtype).name
+def _shape_dtype(x) -> str:
+    """'(shape) dtype' of an array, ShapeDtypeStruct or Orbax array metadata."""
+    return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
 
 
 def _all_agree(ok: bool) -> bool:
@@ -227,16 +227,13 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def compare_trees(checkpoint: dict[str, tuple], model: dict[str, tuple]):
-    """(missing, unexpected, mismatched) from 'path' -> shape (or (shape, dtype)) maps; mismatched as
-    printable lines."""
-    def show(v):
-        return f"{tuple(v[0])} {v[1]}" if len(v) == 2 and isinstance(v[1], str) else str(tuple(v))
-
+def compare_trees(checkpoint: dict[str, Any], model: dict[str, Any]):
+    """(missing, unexpected, mismatched) from 'path' -> what must agree (a shape tuple, or
+    `_shape_dtype`'s text); mismatched as printable lines."""
     missing = sorted(set(model) - set(checkpoint))
     unexpected = sorted(set(checkpoint) - set(model))
-    mismatched = sorted(f"{p}: checkpoint {show(checkpoint[p])} vs model {show(model[p])}"
-                        for p in set(model) & set(checkpoint) if tuple(checkpoint[p]) != tuple(model[p]))
+    mismatched = sorted(f"{p}: checkpoint {checkpoint[p]} vs model {model[p]}"
+                        for p in set(model) & set(checkpoint) if checkpoint[p] != model[p])
     return missing, unexpected, mismatched
 
 
@@ -520,11 +517,11 @@ def restore_params(workdir: epath.PathLike, abstract_params, *, fresh_params=Non
     def attempt(step):
         meta = source._manager.item_metadata(step)["state"]
         saved_meta = _flat(meta["params"])
-        saved = {p: m.shape for p, m in saved_meta.items()}
-        missing, unexpected, mismatched = compare_trees(saved, {p: a.shape for p, a in model.items()})
+        saved = {p: tuple(m.shape) for p, m in saved_meta.items()}
+        missing, unexpected, mismatched = compare_trees(saved, {p: tuple(a.shape) for p, a in model.items()})
         refused = [(missing, allow_missing), (unexpected, allow_unexpected), (mismatched, allow_shape_mismatch)]
         load = {p: jax.ShapeDtypeStruct(a.shape, saved_meta[p].dtype, sharding=a.sharding)
-                for p, a in model.items() if p in saved and tuple(saved[p]) == tuple(a.shape)}
+                for p, a in model.items() if saved.get(p) == tuple(a.shape)}
         if any(items and not allowed for items, allowed in refused) or not load:
             sample = "" if load else (f"\n  no param fits; model names like {sorted(model)[:3]}, checkpoint "
                                       f"names like {sorted(saved)[:3]}")

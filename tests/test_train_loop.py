@@ -1,9 +1,12 @@
-"""The training loop as `main` runs it: resume, nothing to do when finished, NaN stops at its step."""
+"""The training loop as `main` runs it: resume, nothing to do when finished, NaN stops at its step,
+SIGTERM saves and exits."""
 
 import json
 import os
+import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,6 +15,10 @@ from mirasol3b import configlib
 from mirasol3b.train import checkpoints as ckpt
 from mirasol3b.train import loop
 from mirasol3b.train.random_batches import RandomBatches
+
+# Orbax leaves a callback behind when TensorStore fails to read (the corrupt checkpoints here):
+# "Event loop is closed", raised in whichever test runs next; harmless.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def _config(num_steps: int):
@@ -39,8 +46,21 @@ class _Poisoned(RandomBatches):
         return batch
 
 
-# Orbax leaves a callback behind when TensorStore fails to read: "Event loop is closed", harmless.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+class _PreemptedAt(RandomBatches):
+    """Random batches; fetching the `at`-th batch (1-based) sends this process SIGTERM, as a
+    preemption would while that step's input is read."""
+
+    def __init__(self, cfg, at):
+        super().__init__(cfg, cfg.data.batch_size)
+        self.at = at
+
+    def __next__(self):
+        batch = super().__next__()
+        if self.position == self.at:
+            signal.raise_signal(signal.SIGTERM)
+        return batch
+
+
 def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     cfg = _config(4)
@@ -110,3 +130,47 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
         loop.train(cfg, workdir, data_iter=_Poisoned(cfg, bad_step=3))
     checkpointer = ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True)
     assert checkpointer.all_steps() == [2]
+
+
+def test_infinite_gradient_norm_stops_before_that_step_is_saved(tmp_path, monkeypatch):
+    # A finite loss whose gradients overflow: clipping would turn the params into NaN. The step's
+    # reported norm is made infinite at step 4, a step the checkpoint schedule saves.
+    real = loop.make_train_step
+
+    def overflowing(*args):
+        step_fn = real(*args)
+
+        def train_step(state, batch, rng):
+            state, metrics = step_fn(state, batch, rng)
+            metrics["grad_norm"] = jnp.where(state.step == 4, jnp.inf, metrics["grad_norm"])
+            return state, metrics
+        return train_step
+
+    monkeypatch.setattr(loop, "make_train_step", overflowing)
+    workdir = str(tmp_path / "run")
+    cfg = _config(8)
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is [0-9.]+ \(gradient norm inf\) at step 4\b.*step 2"):
+        loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
+    assert ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps() == [2]
+
+
+def test_sigterm_saves_its_step_and_exits_143_or_says_it_could_not_save(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    cfg = _config(8)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        loop.train(cfg, workdir, data_iter=_PreemptedAt(cfg, at=3))
+    assert stopped.value.code == ckpt.PREEMPTED_EXIT_CODE
+    assert "preempted: saved step 3 in" in capsys.readouterr().out
+    assert ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps() == [2, 3]
+
+    # Step 5's directory already exists (a corrupt checkpoint is never overwritten): the
+    # preemption at step 5 cannot save it, says so, and names the step the next run resumes from.
+    os.makedirs(os.path.join(workdir, "checkpoints", "5"))
+    with pytest.raises(SystemExit) as stopped:
+        loop.train(cfg, workdir, data_iter=_PreemptedAt(cfg, at=5))
+    out = capsys.readouterr().out
+    assert stopped.value.code == ckpt.PREEMPTED_EXIT_CODE
+    assert "resumed from step 3" in out
+    assert "preempted at step 5, which could not be saved" in out and "the next run resumes from step 4" in out
+    assert signal.getsignal(signal.SIGTERM) == handler, "the loop's guard put the previous handler back"

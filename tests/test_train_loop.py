@@ -32,33 +32,25 @@ def _config(num_steps: int):
     return cfg
 
 
-class _Poisoned(RandomBatches):
-    """Random batches whose `bad_step`-th batch (1-based) has a NaN in the waveform."""
+class _EventAt(RandomBatches):
+    """Random batches; fetching the `at`-th one (1-based) goes through `event(batch) -> batch`."""
 
-    def __init__(self, cfg, bad_step):
+    def __init__(self, cfg, at, event):
         super().__init__(cfg, cfg.data.batch_size)
-        self.bad_step = bad_step
+        self.at, self.event = at, event
 
     def __next__(self):
         batch = super().__next__()
-        if self.position == self.bad_step:
-            batch = dict(batch, audio=np.where(np.arange(batch["audio"].shape[1]) == 7, np.nan, batch["audio"]))
-        return batch
+        return self.event(batch) if self.position == self.at else batch
 
 
-class _PreemptedAt(RandomBatches):
-    """Random batches; fetching the `at`-th batch (1-based) sends this process SIGTERM, as a
-    preemption would while that step's input is read."""
+def _nan_in_waveform(batch):
+    return dict(batch, audio=np.where(np.arange(batch["audio"].shape[1]) == 7, np.nan, batch["audio"]))
 
-    def __init__(self, cfg, at):
-        super().__init__(cfg, cfg.data.batch_size)
-        self.at = at
 
-    def __next__(self):
-        batch = super().__next__()
-        if self.position == self.at:
-            signal.raise_signal(signal.SIGTERM)
-        return batch
+def _sigterm(batch):  # as a preemption would, while the step's input is read
+    signal.raise_signal(signal.SIGTERM)
+    return batch
 
 
 def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
@@ -127,7 +119,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
     workdir = str(tmp_path / "run")
     cfg = _config(8)
     with pytest.raises(loop.NonFiniteLossError, match=r"at step 3\b.*step 2"):
-        loop.train(cfg, workdir, data_iter=_Poisoned(cfg, bad_step=3))
+        loop.train(cfg, workdir, data_iter=_EventAt(cfg, 3, _nan_in_waveform))
     checkpointer = ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True)
     assert checkpointer.all_steps() == [2]
 
@@ -159,7 +151,7 @@ def test_sigterm_saves_its_step_and_exits_143_or_says_it_could_not_save(tmp_path
     cfg = _config(8)
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
-        loop.train(cfg, workdir, data_iter=_PreemptedAt(cfg, at=3))
+        loop.train(cfg, workdir, data_iter=_EventAt(cfg, 3, _sigterm))
     assert stopped.value.code == ckpt.PREEMPTED_EXIT_CODE
     assert "preempted: saved step 3 in" in capsys.readouterr().out
     assert ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps() == [2, 3]
@@ -168,7 +160,7 @@ def test_sigterm_saves_its_step_and_exits_143_or_says_it_could_not_save(tmp_path
     # preemption at step 5 cannot save it, says so, and names the step the next run resumes from.
     os.makedirs(os.path.join(workdir, "checkpoints", "5"))
     with pytest.raises(SystemExit) as stopped:
-        loop.train(cfg, workdir, data_iter=_PreemptedAt(cfg, at=5))
+        loop.train(cfg, workdir, data_iter=_EventAt(cfg, 5, _sigterm))
     out = capsys.readouterr().out
     assert stopped.value.code == ckpt.PREEMPTED_EXIT_CODE
     assert "resumed from step 3" in out

@@ -1,7 +1,7 @@
-"""A fixed pool of random batches in the model's batch format.
+"""A fixed pool of random batches in the model's batch format, with the pipeline's resumable position.
 
-Until the SeqIO pipeline is wired in (data issue), `main` trains on these: a real optimisation
-problem (the model must memorise random answers given random media), not a stand-in for one.
+What the tests and benchmarks train on when the data is not the point: a real optimisation problem
+(the model must memorise random answers given random media), without TensorFlow or a dataset.
 """
 
 from __future__ import annotations

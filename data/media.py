@@ -389,7 +389,9 @@ def _decode(path: str, container, spec: MediaSpec, start: Fraction) -> Clip:
 
     clip_start = video.origin + start
     usable = video.end - clip_start
-    num_snippets = min(spec.max_snippets, max(0, math.floor(usable * video.fps / spec.snippet_frames)))
+    # pts and duration each round to the time base (the end can read 2 ticks early); a missing frame must still count.
+    slack = min(2 * video.tb, video.step / 2, 1 / (2 * video.fps))
+    num_snippets = min(spec.max_snippets, max(0, math.floor((usable + slack) * video.fps / spec.snippet_frames)))
     if num_snippets < 1:
         raise MediaError(path, "too_short", f"{float(max(usable, 0)):.3f} s of video from {float(start):.3f} s; "
                                             f"one snippet needs {spec.snippet_seconds:.3f} s")

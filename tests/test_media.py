@@ -48,10 +48,29 @@ def _tone(seconds: float, rate: int) -> np.ndarray:
     return np.where(t < SWITCH, low, high).astype(np.float32)
 
 
-def _write_index_clip(path: Path, fps: Fraction, size=(48, 64), seconds=SECONDS, audio=True) -> Path:
+def _write_index_clip(path: Path, fps: Fraction, size=(48, 64), seconds=SECONDS, audio=True, audio_seconds=None,
+                      audio_codec=None) -> Path:
     n = math.ceil(seconds * fps)
     frames = np.broadcast_to(_index_colour(np.arange(n))[:, None, None, :], (n, *size, 3))
-    write_clip(path, np.ascontiguousarray(frames), fps, _tone(n / fps, AUDIO_RATE) if audio else None, AUDIO_RATE)
+    sound = _tone(n / fps if audio_seconds is None else audio_seconds, AUDIO_RATE) if audio else None
+    write_clip(path, np.ascontiguousarray(frames), fps, sound, AUDIO_RATE, audio_codec=audio_codec)
+    return path
+
+
+def _write_timed_clip(path: Path, pts: list, time_base: Fraction, rate: int) -> Path:
+    """Frame k at pts[k] (in `time_base`), spelling its own index; mjpeg, no audio. The muxer
+    gives the last frame 1 / `rate` s."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mjpeg", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        stream.time_base = stream.codec_context.time_base = time_base
+        stream.options = {"q:v": "2"}
+        for k, ts in enumerate(pts):
+            image = np.broadcast_to(_index_colour(np.array([k]))[0], (48, 64, 3))
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts, frame.time_base = ts, time_base
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
     return path
 
 
@@ -139,19 +158,7 @@ def test_start_seconds_shifts_both_streams(tmp_path, monkeypatch):
 def test_variable_frame_rate_picks_the_frame_on_screen(tmp_path):
     """Frames at irregular times (mkv, 1 ms clock): target i shows the last frame with pts <= i / fps."""
     times_ms = [0, 100, 480, 550, 1200, 1300, 1900, 2600]
-    path = tmp_path / "vfr.mkv"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mjpeg", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
-        stream.time_base = Fraction(1, 1000)
-        stream.codec_context.time_base = Fraction(1, 1000)
-        stream.options = {"q:v": "2"}
-        for k, ms in enumerate(times_ms):
-            image = np.broadcast_to(_index_colour(np.array([k]))[0], (48, 64, 3))
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts, frame.time_base = ms, Fraction(1, 1000)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+    path = _write_timed_clip(tmp_path / "vfr.mkv", times_ms, Fraction(1, 1000), rate=25)
     spec = MediaSpec(fps=5, num_frames=20, snippet_frames=1, image_size=32, missing_audio="silence")
     clip = decode_clip(path, spec)
     # The muxer stored 40 ms (1 / 25 s) as the last frame's duration: the video ends at 2.64 s.
@@ -160,6 +167,45 @@ def test_variable_frame_rate_picks_the_frame_on_screen(tmp_path):
     expected = [max(k for k, ms in enumerate(times_ms) if ms <= 200 * i) for i in range(13)]
     assert _colour_index(clip.video).tolist() == expected
     assert clip.source_fps == pytest.approx(len(times_ms) / 2.64, rel=0.01)
+
+
+def test_end_short_only_by_timestamp_rounding_keeps_the_last_snippet(tmp_path):
+    """24 frames at 24 fps on Matroska's 1 ms clock: the last frame's pts (958.3 -> 958) and
+    duration (41.7 -> 41) round down, so the video ends at 0.999 s, yet every frame the fourth
+    0.25 s snippet shows (0.75 s, 0.875 s) is there. The PCM track ends 10 ms before the window."""
+    path = _write_index_clip(tmp_path / "clip.mkv", Fraction(24), seconds=1, audio_seconds=0.99,
+                             audio_codec="pcm_s16le")
+    clip = decode_clip(path, TINY)
+    _check_shapes(clip, TINY)
+    assert clip.duration == pytest.approx(0.999, abs=1e-9)  # the rounding this test is about
+    assert clip.num_snippets == 4
+    assert _colour_index(clip.video).tolist() == [3 * i for i in range(8)]  # frame floor(i / 8 * 24)
+    # The audio is kept (99% of the window); the 10 ms it lacks are zeros, not other samples.
+    end = round(0.99 * TINY.sample_rate)
+    assert not clip.audio_missing
+    assert np.sqrt(np.mean(clip.audio[end - 400:end] ** 2)) > LOW[1] / 2 and not clip.audio[end:].any()
+
+
+@pytest.mark.parametrize("name,spec,start,snippets", [
+    # 23 frames at 24 fps on a 1 ms clock: one whole frame short of 1 s.
+    ("webm", TINY, 0, 3),
+    # The same frames on a 1/24 s clock, where 2 ticks of rounding would be 2 frames.
+    ("avi", SILENCE, 0, 3),
+    # 4 frames at 4 fps from 0.125 s: half a source frame short of 8 snippets at 8 fps, but a
+    # whole target frame (the one at 1.0 s, after the video ends).
+    ("avi_4fps", MediaSpec(fps=8, num_frames=16, snippet_frames=1, image_size=32, missing_audio="silence"),
+     0.125, 7),
+])
+def test_clip_short_by_a_frame_does_not_get_the_snippet(tmp_path, name, spec, start, snippets):
+    if name == "webm":
+        path = _write_index_clip(tmp_path / "clip.webm", Fraction(24), seconds=Fraction(23, 24))
+    elif name == "avi":
+        path = _write_timed_clip(tmp_path / "clip.avi", list(range(23)), Fraction(1, 24), rate=24)
+    else:
+        path = _write_timed_clip(tmp_path / "clip.avi", list(range(4)), Fraction(1, 4), rate=4)
+    clip = decode_clip(path, spec, start_seconds=start)
+    _check_shapes(clip, spec)
+    assert clip.num_snippets == snippets
 
 
 def test_non_square_source_is_resized_on_the_short_side_and_centre_cropped(tmp_path):
@@ -251,9 +297,11 @@ def test_sample_chaplin_mp3_audio_at_44k():
 def test_sample_big_buck_bunny_one_second_webm():
     clip = decode_clip(_sample("big_buck_bunny_432_433.webm"), TINY)
     _check_shapes(clip, TINY)
-    assert clip.duration == pytest.approx(1.0, abs=0.01)
-    # The 1 ms clock puts the end at 0.999 s: three whole 0.25 s snippets.
-    assert clip.num_snippets == math.floor(clip.duration * TINY.fps / TINY.snippet_frames) == 3
+    # The 1 ms clock rounds the end down to 0.999 s; the four 0.25 s snippets' frames are all there.
+    assert clip.duration == pytest.approx(0.999, abs=1e-9)
+    assert clip.num_snippets == 4
+    frames = clip.video.reshape(len(clip.video), -1).astype(int)
+    assert all(np.abs(frames[i] - frames[i - 1]).mean() > 1 for i in range(1, len(frames)))  # 8 distinct pictures
     assert clip.source_fps == pytest.approx(24, rel=0.01)
     assert clip.source_sample_rate == 44_100 and not clip.audio_missing and clip.audio.any()
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -160,6 +161,12 @@ def test_tfds_build_command(media, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     _check_mixed_build(local_media.Builder(config="tiny", data_dir=str(tmp_path / "out")), done.stdout)
 
+    # The same command after an edit of the manifest fails (it used to reuse the old dataset with rc 0).
+    (manual / "manifest.jsonl").write_text((manual / "manifest.jsonl").read_text().replace('"test"', '"train"'))
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "ManualDirChangedError" in done.stderr, done.stderr[-3000:]
+    assert f"{manual / 'manifest.jsonl'} changed since the build" in done.stderr and "--overwrite" in done.stderr
+
 
 def test_missing_audio_is_silence_only_with_the_silence_config(media, tmp_path):
     manual = _manual_dir(tmp_path, media, [{"video": "clips/good1.mp4", "label": "a"},
@@ -218,6 +225,60 @@ def test_failed_builds_leave_no_dataset_and_a_rebuild_starts_a_fresh_report(medi
     builder = _build(manual, out)
     assert builder.is_prepared() and len(_examples(builder)) == 3
     assert [(r["file"], r["reason"]) for r in _report(builder)] == [("clips/missing.mp4", "not_found")]
+
+
+def test_a_rebuild_over_changed_annotations_or_media_fails_until_overwrite(media, tmp_path, monkeypatch):
+    """The manual dir's annotations and listed media are part of what a build is: reusing a dataset built
+    from other ones fails (it used to reuse it silently); an unchanged manual dir is reused without a look
+    at the media; `--overwrite` (REUSE_CACHE_IF_EXISTS) rebuilds; loading without a manual dir is as before."""
+    out = tmp_path / "out"
+    manual = _manual_dir(tmp_path, media, [{"video": "clips/good1.mp4", "label": "a", "split": "tset"},  # typo
+                                           {"video": "clips/later.mp4", "label": "b", "split": "tset"}])
+    manifest = manual / "manifest.jsonl"
+    built = _build(manual, out)
+    assert list(built.info.splits) == ["tset"] and len(_examples(built, "tset")) == 1
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the dataset was rebuilt instead of reused")
+
+    monkeypatch.setattr(local_media.Builder, "_split_generators", no_generation)
+    monkeypatch.setattr(local_media._Maker, "__call__", no_generation)
+    _build(manual, out)  # unchanged: reused
+    local_media.Builder(config="tiny", data_dir=str(out)).download_and_prepare()  # no manual dir: reused
+
+    manifest.write_text(manifest.read_text().replace("tset", "test"))
+    with pytest.raises(local_media.ManualDirChangedError) as failure:
+        _build(manual, out)
+    message = str(failure.value)
+    for expected in (str(out / "local_media" / "tiny" / "1.0.0"), str(manifest), "changed since the build",
+                     "--overwrite", "--data_dir"):
+        assert expected in message, message
+    local_media.Builder(config="tiny", data_dir=str(out)).download_and_prepare()  # no manual dir: still loads
+    assert list(local_media.Builder(config="tiny", data_dir=str(out)).info.splits) == ["tset"]  # left as it was
+
+    manifest.write_text(manifest.read_text().replace("test", "tset"))  # back as built: reused again
+    _build(manual, out)
+    shutil.copy(manual / "clips" / "good2.mp4", manual / "clips" / "later.mp4")  # a file it lacked, added
+    with pytest.raises(local_media.ManualDirChangedError, match="media files"):
+        _build(manual, out)
+
+    monkeypatch.undo()
+    manifest.write_text(manifest.read_text().replace("tset", "test"))
+    rebuilt = local_media.Builder(config="tiny", data_dir=str(out))
+    rebuilt.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(manual), download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
+    assert list(rebuilt.info.splits) == ["test"]
+    assert sorted(_text(e, "answer") for e in _examples(rebuilt, "test")) == ["a", "b"]
+    assert _report(rebuilt) == []
+    monkeypatch.setattr(local_media._Maker, "__call__", no_generation)
+    _build(manual, out)  # the rebuilt dataset is reused
+
+    # A dataset built before fingerprints were recorded: reused, with a warning (nothing to compare).
+    (out / "local_media" / "tiny" / "1.0.0" / "metadata.json").unlink()
+    manifest.write_text(manifest.read_text().replace('"b"', '"c"'))
+    with mock.patch.object(local_media.logging, "warning") as warning:
+        _build(manual, out)
+    assert "records no fingerprint" in warning.call_args.args[0]
 
 
 def test_missing_manifest_names_the_expected_path(tmp_path):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
+import os
 import sys
 from pathlib import Path
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 try:
     import data.spec  # noqa: F401
@@ -28,6 +32,9 @@ GEOMETRIES = {
 SOURCES = ("manifest", "msrvtt_qa", "activitynet_qa", "nextqa", "vggsound", "kinetics_sound")
 VIDEO_DIR = "videos"  # where the public formats' videos are, inside the manual dir
 KINETICS_SOUND_CLASSES = "kinetics_sound_classes.txt"
+NEXTQA_MAP = "map_vid_vidorID.json"
+_OTHER_ANNOTATION_FILES = {"nextqa": (NEXTQA_MAP,), "kinetics_sound": (KINETICS_SOUND_CLASSES,)}  # fingerprinted too
+FINGERPRINT_KEY = "manual_dir_fingerprint"  # in the dataset's metadata.json, see `_fingerprint`
 # Public releases' per-split files: (file stem, TFDS split); Kinetics names its validation file "validate".
 _SPLIT_FILES = (("train", "train"), ("val", "validation"), ("test", "test"))
 _KINETICS_SPLIT_FILES = (("train", "train"), ("validate", "validation"), ("test", "test"))
@@ -97,6 +104,12 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
       (Per-split files: whichever exist; `data/readers.py` documents each layout.)
     A file or line that cannot become an example is skipped and listed in `skipped.jsonl` (see
     `data/builders/report.py`); a split with no example left fails the build.
+
+    A build records a fingerprint of the manual dir (`_fingerprint`) in the dataset's metadata.json. TFDS
+    reuses an existing dataset without reading the manual dir; here such a reuse fails with
+    `ManualDirChangedError` when the manual dir holds annotations and they, or the media they list,
+    differ from the build's (`--overwrite` rebuilds). Without annotations there (a load with no
+    manual dir) nothing is compared.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -109,16 +122,56 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=self.builder_config.description,
-                                     features=example_features(self.builder_config.spec))
+                                     features=example_features(self.builder_config.spec),
+                                     metadata=tfds.core.MetadataDict())
+
+    def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
+        """TFDS's, after `_check_manual_dir` when TFDS would reuse an existing dataset."""
+        mode = (download_config or tfds.download.DownloadConfig()).download_mode
+        if (not mode.overwrite_dataset and mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO
+                and self.data_path.exists()):
+            self._check_manual_dir(download_dir, download_config)
+        super().download_and_prepare(download_dir=download_dir, download_config=download_config, **kwargs)
+
+    def _check_manual_dir(self, download_dir, download_config) -> None:
+        """Raises `ManualDirChangedError` if the manual dir (TFDS's default one when none is given)
+        holds annotations whose fingerprint is not the existing dataset's."""
+        given = download_config.manual_dir if download_config else None
+        manual_dir = Path(os.path.expanduser(os.fspath(
+            given or Path(download_dir or os.fspath(self.data_dir_root / "downloads")) / "manual")))
+        try:
+            _, now = _read(self.builder_config.source, manual_dir)
+        except FileNotFoundError:  # no annotations there: nothing to compare
+            return
+        name = f"{self.name}/{self.builder_config.name}"
+        built = (self.info.metadata or {}).get(FINGERPRINT_KEY)
+        if built is None:
+            logging.warning("%s: the dataset in %s records no fingerprint of its manual dir (it was built before "
+                            "they were recorded), so whether %s changed since cannot be told; reusing it. Pass "
+                            "--overwrite to rebuild it.", name, self.data_path, manual_dir)
+            return
+        changes = [f"{manual_dir / file} {what} since the build"
+                   for file, what in _changed_files(built["annotations"], now["annotations"])]
+        if built["media"] != now["media"]:
+            changes.append(f"the media files they list are not the same (a file added, removed or resized: "
+                           f"{built['media_files']} listed then, {now['media_files']} now)")
+        if changes:
+            raise ManualDirChangedError(
+                f"{name}: the dataset in {self.data_path} was built from other annotations or media than the "
+                f"manual dir {manual_dir} holds now: {'; '.join(changes)}. Reusing it would give the old examples, "
+                f"so it is not reused. Rebuild it by adding --overwrite to `tfds build` (from Python: DownloadConfig("
+                f"download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)), or keep it and build the new "
+                f"one elsewhere with another --data_dir.")
 
     def _split_generators(self, dl_manager):
         manual_dir = Path(dl_manager.manual_dir)
+        records, fingerprint = _read(self.builder_config.source, manual_dir)
         splits = collections.defaultdict(list)
-        for annotation, line, item, default_split in _annotations(self.builder_config.source, manual_dir):
-            checked = item if isinstance(item, readers.BadRow) else readers.check_record(item)
+        for annotation, line, checked, default_split in records:
             splits[checked.split or default_split].append((annotation, line, checked))
         if not splits:
             raise ValueError(f"{self.name}/{self.builder_config.name}: the annotations in {manual_dir} hold no entries")
+        self.info.metadata[FINGERPRINT_KEY] = fingerprint  # written with the dataset, only if the build succeeds
         report = BuildReport(self, sorted(splits))
         spec = self.builder_config.spec
         return {split: report.generate(split, _decode_order(items), _Maker(manual_dir, spec), _describe(manual_dir))
@@ -128,8 +181,12 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
         raise NotImplementedError
 
 
-def _annotations(source: str, manual_dir: Path):
-    """Yields (annotation file, line, record or BadRow, default split) for the manual dir's annotations."""
+class ManualDirChangedError(RuntimeError):
+    """The manual dir's annotations or media differ from those the existing dataset was built from."""
+
+
+def _annotation_files(source: str, manual_dir: Path):
+    """[(annotation file name, default split, reader)] of the files present in the manual dir."""
     videos = str(manual_dir / VIDEO_DIR)
     if source == "manifest":
         files = [("manifest.jsonl", "train", lambda p: readers.read_manifest(p))]
@@ -139,7 +196,7 @@ def _annotations(source: str, manual_dir: Path):
         files = [(f"{stem}_q.json", split, lambda p: readers.read_activitynet_qa(
             p, str(p).removesuffix("_q.json") + "_a.json", videos)) for stem, split in _SPLIT_FILES]
     elif source == "nextqa":
-        mapping = manual_dir / "map_vid_vidorID.json"
+        mapping = manual_dir / NEXTQA_MAP
         files = [(f"{stem}.csv", split, lambda p: readers.read_nextqa(p, videos, mapping if mapping.exists() else None))
                  for stem, split in _SPLIT_FILES]
     elif source == "vggsound":
@@ -156,9 +213,48 @@ def _annotations(source: str, manual_dir: Path):
     if not present:
         raise FileNotFoundError(f"local_media/{source}: no annotations in the manual dir; expected "
                                 f"{' or '.join(str(manual_dir / name) for name, _, _ in files)}")
-    for name, split, read in present:
-        for line, item in read(manual_dir / name):
-            yield name, line, item, split
+    return present
+
+
+def _read(source: str, manual_dir: Path):
+    """([(annotation file, line, Record or BadRow, default split)], fingerprint) of the manual dir."""
+    files = _annotation_files(source, manual_dir)
+    records = [(name, line, item if isinstance(item, readers.BadRow) else readers.check_record(item), split)
+               for name, split, read in files for line, item in read(manual_dir / name)]
+    extra = [name for name in _OTHER_ANNOTATION_FILES.get(source, ()) if (manual_dir / name).exists()]
+    return records, _fingerprint(manual_dir, [name for name, _, _ in files] + extra, records)
+
+
+def _fingerprint(manual_dir: Path, annotation_files, records) -> dict:
+    """What a build reads from the manual dir, in short: the SHA-256 of each annotation file, and one of
+    the path (relative to the manual dir) and size of every media file the records use (-1: no such
+    file). Sizes, not mtimes: copying a folder seldom keeps mtimes, and a replaced clip (re-encoded,
+    repaired, added where one was missing) almost never keeps its size. One stat per file, so a check
+    over a large dataset's manual dir costs about what listing it does."""
+    annotations = {}
+    for name in annotation_files:
+        digest = hashlib.sha256()
+        with open(manual_dir / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        annotations[name] = digest.hexdigest()
+    media = {}
+    for _, _, record, _ in records:
+        if isinstance(record, readers.Record) and record.video not in media:
+            try:
+                media[record.video] = _media_path(manual_dir, record.video).stat().st_size
+            except OSError:
+                media[record.video] = -1
+    sizes = sorted((_source(manual_dir, video), size) for video, size in media.items())
+    return {"annotations": annotations, "media": hashlib.sha256(json.dumps(sizes).encode()).hexdigest(),
+            "media_files": len(sizes)}
+
+
+def _changed_files(built: dict, now: dict):
+    """(file, "changed" / "was added" / "was removed") for the annotation files whose hash differs."""
+    for name in sorted(built.keys() | now.keys()):
+        if built.get(name) != now.get(name):
+            yield name, "changed" if name in built and name in now else "was added" if name in now else "was removed"
 
 
 def _decode_order(items):

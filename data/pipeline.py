@@ -31,7 +31,7 @@ zero rows whose `example_valid` is False and loss weights 0. Every example appea
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import difflib
 import json
 from collections.abc import Iterator
 
@@ -46,6 +46,7 @@ from data import feature_converter as fc
 from data import mixtures as mixtures_lib
 from data import tasks as tasks_lib
 from data import vocab as vocab_lib
+from mirasol3b import configlib
 
 _STATE_VERSION = 1
 # The host-side string fields of eval batches (see the module docstring).
@@ -68,8 +69,7 @@ def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mi
     # train/loop.py import them earlier), so the mixture read is also rebound below.
     tasks_lib.register_tasks(data_dir=config.data.tfds_data_dir or None, vocabulary=vocabulary,
                              shuffle_buffer_size=config.data.shuffle_buffer)
-    for module in filter(None, (m.strip() for m in config.data.task_modules.split(","))):
-        importlib.import_module(module)  # registers the user's tasks (once per process)
+    configlib.import_task_modules(config)  # registers the user's tasks (once per process)
     mixtures_lib.register_mixtures()
     name = config.data.task
     rates = mixtures_lib.parse_rates(config.data.mixture_rates)
@@ -77,18 +77,22 @@ def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mi
         mixtures_lib.register_mixture(name, rates, replace=True)
     known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     if name not in known:
-        raise ValueError(f"config.data.task: no SeqIO task or mixture named {name!r}; registered: {sorted(known)}. "
-                         "Add yours with data.tasks.add_media_task (README.md, 'Your own data: a SeqIO task') "
-                         "before building the input pipeline")
+        close = difflib.get_close_matches(name, known, n=3)
+        raise configlib.ConfigError(
+            "data.task", ("one of " + ", ".join(map(repr, close)) + "?" if close else "a registered SeqIO task or mixture")
+            + f" ({len(known)} registered: {', '.join(sorted(known))}). Yours: register it with "
+            "data.tasks.add_media_task in a module named by --config.data.task_modules (README.md, 'Your own "
+            "data: a SeqIO task')", name)
     provider = seqio.get_mixture_or_task(name)
     if isinstance(provider, seqio.Mixture):
         provider = mixtures_lib.rebind(name)  # it may hold tasks replaced by register_tasks above
     for task in tasks_lib.tasks_of(provider):
         task_vocab = task.output_features["prompt"].vocabulary
         if task_vocab != vocabulary:
-            raise ValueError(f"task {task.name!r} tokenizes with {task_vocab}, but the config's vocabulary is "
-                             f"{vocabulary} (config.data.vocab_path={config.data.vocab_path!r}); register it with "
-                             "add_media_task(..., vocabulary=data.vocab.get_vocabulary(config))")
+            raise configlib.ConfigError(
+                "data.vocab_path", f"the vocabulary task {task.name!r} tokenizes with ({task_vocab}), or register the "
+                "task with add_media_task(..., vocabulary=data.vocab.get_vocabulary(config)); the config's is "
+                f"{vocabulary}", config.data.vocab_path)
     return provider
 
 
@@ -96,16 +100,14 @@ def check_eval_split(config: ml_collections.ConfigDict) -> None:
     """Raises if a task of `config.data.task` lacks `config.eval.split`: `mirasol3b.main` calls it
     before training, so a wrong split fails now rather than at the final evaluation (after which a
     rerun finds the run finished and never evaluates)."""
-    from mirasol3b.configlib import ConfigError
-
     provider, split = resolve_provider(config), config.eval.split
     try:
         tasks_lib.check_prepared(provider, split)  # TFDS sources: not built -> FileNotFoundError
     except ValueError as e:
-        raise ConfigError("eval.split", f"a split of the task ({e})", split) from e
+        raise configlib.ConfigError("eval.split", f"a split of the task ({e})", split) from e
     for task in tasks_lib.tasks_of(provider):
         if split not in task.splits:
-            raise ConfigError("eval.split", f"a split of task {task.name!r}: {sorted(task.splits)}", split)
+            raise configlib.ConfigError("eval.split", f"a split of task {task.name!r}: {sorted(task.splits)}", split)
 
 
 def local_batch_size(config: ml_collections.ConfigDict, num_shards: int) -> int:

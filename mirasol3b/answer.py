@@ -2,7 +2,8 @@
 
     python -m mirasol3b.answer --workdir=DIR --video=clip.mp4 --question="what plays first?" [--config=...]
 
-The config is the one stored with `DIR`'s latest checkpoint unless `--config` is given. The file
+The config is the one stored with `DIR`'s latest checkpoint unless `--config` is given (which may
+differ from it only in how the model computes: `evaluate.check_config_matches_checkpoint`). The file
 goes through the training pipeline: `data.media.decode_clip` at the config's geometry (at most
 `config.data.num_frames` frames from the start), then the feature converter (padding, media_mask,
 BOS + question tokens), then `config.eval`'s decoding. A file that cannot be read exits with
@@ -21,6 +22,7 @@ from ml_collections import config_flags
 
 from mirasol3b import configlib, decoding, evaluate, sharding
 from mirasol3b.train import checkpoints
+from mirasol3b.train.loop import quiet_logging
 
 
 def prepare(config: ml_collections.ConfigDict, video_path: str, question: str, *,
@@ -72,6 +74,7 @@ def _define_flags():
     flags.DEFINE_string("question", None, "The question.")
     flags.DEFINE_enum("missing_audio", "skip", ["skip", "silence"],
                       "A file without (usable) audio: 'skip' is an error, 'silence' fills zeros.")
+    evaluate.define_config_check_flag()
     flags.mark_flags_as_required(["workdir", "video", "question"])
     return config
 
@@ -82,11 +85,13 @@ def main(argv, config_flag) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    quiet_logging()
     try:
-        config = config_flag.value or evaluate.config_from_workdir(f.workdir)
-        configlib.validate_eval(configlib.validate(config))
+        config = evaluate.resolve_config(config_flag.value, f.workdir, check=False)
         # The file first: a bad one fails in a second, before the checkpoint is read.
         batch = prepare(config, f.video, f.question, missing_audio=f.missing_audio)
+        if config_flag.value is not None and f.config_check:
+            evaluate.check_config_matches_checkpoint(config, f.workdir)
         mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
         _, params = evaluate.restore_params(config, f.workdir, mesh)
     except MediaError as e:

@@ -6,6 +6,7 @@ runs before anything is built or compiled and names the field and what was expec
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from collections.abc import Callable
@@ -41,6 +42,19 @@ def parse_flags(argv: list[str]) -> list[str]:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         sys.exit(f"FATAL Flags parsing error: a --config override names a field the config does not have: "
                  f"{e.args[0] if e.args else e} (overrides given: {', '.join(overrides)})")
+
+
+def import_task_modules(config: ml_collections.ConfigDict) -> None:
+    """Imports `config.data.task_modules` (comma-separated), so the user's SeqIO tasks register."""
+    for name in filter(None, (m.strip() for m in config.data.task_modules.split(","))):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not e.name or not (name == e.name or name.startswith(e.name + ".")):
+                raise  # the module is there; something it imports is not (its traceback says what)
+            raise ConfigError("data.task_modules", f"importable modules; there is no {e.name!r} on the module path "
+                              f"(run from the directory that holds {e.name}.py, or add it to PYTHONPATH)",
+                              config.data.task_modules) from e
 
 
 def _stack(width: int, depth: int, num_heads: int, mlp_dim: int, head_dim: int = 0) -> ml_collections.ConfigDict:
@@ -325,12 +339,13 @@ RULES: dict[str, Callable] = {
 }
 
 
-def _leaves(cfg: ml_collections.ConfigDict, prefix: str = ""):
+def leaves(cfg: ml_collections.ConfigDict, prefix: str = ""):
+    """(dotted field name, value) of every leaf of `cfg`."""
     for key in cfg.keys():
         value = cfg[key]
         path = f"{prefix}{key}"
         if isinstance(value, ml_collections.ConfigDict):
-            yield from _leaves(value, path + ".")
+            yield from leaves(value, path + ".")
         else:
             yield path, value
 
@@ -343,7 +358,7 @@ def _require(ok: bool, field: str, expected: str, got: Any) -> None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every field and every cross-field constraint; raises `ConfigError` naming the field."""
     seen = set()
-    for path, value in _leaves(config):
+    for path, value in leaves(config):
         if path not in RULES:
             raise ConfigError(path, f"a known field (misspelt? known: {sorted(RULES)[:8]}...)", value)
         problem = RULES[path](value)

@@ -1,8 +1,9 @@
 """Generation-based evaluation: exact-match accuracy of generated answers on a split.
 
-    python -m mirasol3b.evaluate --config=configs/tiny.py --workdir=DIR [--split=validation]
+    python -m mirasol3b.evaluate --workdir=DIR [--split=validation] [--config=configs/tiny.py ...]
 
-restores the params of `DIR`'s latest good checkpoint, prints the metrics as one JSON line and
+restores the params of `DIR`'s latest good checkpoint (with the config it stores, or the one given,
+which may differ from it only in how the model computes: `check_config_matches_checkpoint`), prints the metrics as one JSON line and
 writes them to `DIR/eval_<split>_step<N>.json`. `DIR` may be local or a URI (`gs://bucket/runs/x`):
 files go through `etils.epath.Path` and Orbax. Several processes (a TPU pod slice) start
 `jax.distributed` first, as `mirasol3b.main` does (`--distributed`, see `mirasol3b/distributed.py`).
@@ -31,7 +32,7 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 from flax import linen as nn
 from ml_collections import config_flags
@@ -39,9 +40,9 @@ from ml_collections import config_flags
 from mirasol3b import configlib, decoding, sharding
 from mirasol3b.model import Mirasol3B
 from mirasol3b.train import checkpoints
-from mirasol3b.train.loop import global_batch, model_batch
+from mirasol3b.train.loop import global_batch, model_batch, quiet_logging
 from mirasol3b.train.optimizer import make_optimizer
-from mirasol3b.train.state import abstract_state, example_batch, state_shardings
+from mirasol3b.train.state import abstract_state, check_batch_shapes, example_batch, state_shardings
 
 # What the generate function reads from a batch (video/audio only when the model uses them: `model_batch`).
 GENERATE_KEYS = ("video", "audio", "media_mask", "prompts", "prompt_lengths")
@@ -137,6 +138,8 @@ def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh |
     for i, batch in enumerate(pipeline.make_eval_iterator(config, split)):
         if max_batches and i >= max_batches:
             break
+        if i == 0:
+            check_batch_shapes(batch, config)
         tokens = generate_tokens(config, params, batch, mesh, decode=decode, rng=jax.random.fold_in(rng, i))
         for r in np.flatnonzero(batch["example_valid"]):
             records.append({
@@ -217,9 +220,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: epath.PathLike, m
     return checkpoints.restore_params(workdir, target, what=f"workdir {os.fspath(workdir)!r}")
 
 
-def config_from_workdir(workdir: epath.PathLike) -> ml_collections.ConfigDict:
-    """The config stored with `workdir`'s latest checkpoint, over `base_config()` defaults (so fields
-    added since it was saved get theirs), validated."""
+def _stored_config(workdir: epath.PathLike) -> tuple[dict | None, epath.Path]:
+    """(the config saved with `workdir`'s latest checkpoint as a dict, or None if it stores none; its path)."""
     import orbax.checkpoint as ocp
 
     with _checkpointer(workdir) as ckpt:
@@ -229,11 +231,58 @@ def config_from_workdir(workdir: epath.PathLike) -> ml_collections.ConfigDict:
         path = epath.Path(ckpt.step_path(step)) / "config"
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
         saved = reader.restore(path, args=ocp.args.JsonRestore())
-    if not saved:
+    return saved or None, path
+
+
+def config_from_workdir(workdir: epath.PathLike) -> ml_collections.ConfigDict:
+    """The config stored with `workdir`'s latest checkpoint, over `base_config()` defaults (so fields
+    added since it was saved get theirs), validated."""
+    saved, path = _stored_config(workdir)
+    if saved is None:
         raise FileNotFoundError(f"checkpoint {path.parent} stores no config; pass --config")
     config = configlib.base_config()
     _merge(config, saved)
     return configlib.validate(config)  # a field the code no longer knows is an error naming it
+
+
+# Fields of `model` that change how the model computes, not what it computes: evaluating with other
+# values than training's is fine (params are cast to param_dtype; dropout is off when evaluating).
+HOW_NOT_WHAT = frozenset({"model.dtype", "model.param_dtype", "model.remat_policy", "model.attention_impl",
+                          "model.combiner_outputs_only", "model.audio.dft", "model.dropout_rate",
+                          "model.modality_dropout"})
+
+
+def check_config_matches_checkpoint(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
+    """Raises `ConfigError` naming each field that defines the trained model (`model.*` but
+    `HOW_NOT_WHAT`, and `data.vocab_path`) whose value differs from the config stored with
+    `workdir`'s checkpoint. Params of the same shapes restore under another window, readout or
+    geometry, and would be scored as another model without a word."""
+    saved, path = _stored_config(workdir)
+    if saved is None:
+        return  # nothing to compare with
+    stored = configlib.base_config()
+    _merge(stored, saved)
+    here = dict(configlib.leaves(config))
+    differ = []
+    for field, value in configlib.leaves(stored):
+        if not (field.startswith("model.") or field == "data.vocab_path") or field in HOW_NOT_WHAT:
+            continue
+        ours = here.get(field)
+        if ours == value or (field == "data.vocab_path" and _same_file(ours, value)):
+            continue
+        differ.append(f"\n  config.{field}: {ours!r} here, {value!r} in the checkpoint")
+    if differ:
+        raise configlib.ConfigError(
+            f"the config given differs from the one the checkpoint was trained with ({path}) in fields that "
+            "define the model:" + "".join(differ) + "\nOmit --config to use the checkpoint's own, give the "
+            "training run's overrides too, or pass --noconfig_check to use these values on purpose.")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return bool(a and b) and epath.Path(a).read_bytes() == epath.Path(b).read_bytes()
+    except OSError:
+        return False
 
 
 def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
@@ -264,12 +313,28 @@ def _define_flags():
     # process by that module's import (also when `mirasol3b.main` imports it in the same process).
     from mirasol3b import distributed  # noqa: F401
 
-    config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:ttm].",
-                                             lock_config=True)
+    config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:ttm] (default: "
+                                             "the one the workdir's checkpoint stores).", lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints).")
     split = flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).")
-    flags.mark_flags_as_required(["config", "workdir"])
+    define_config_check_flag()
+    flags.mark_flags_as_required(["workdir"])
     return config, workdir, split
+
+
+def define_config_check_flag():
+    flags.DEFINE_bool("config_check", True, "Refuse a --config whose model fields differ from the checkpoint's "
+                      "(check_config_matches_checkpoint); --noconfig_check uses them on purpose.")
+
+
+def resolve_config(config: ml_collections.ConfigDict | None, workdir: str, *, check: bool) -> ml_collections.ConfigDict:
+    """The config to evaluate or answer with, validated: `config` (if `check`, refused where it
+    differs from the checkpoint's in what the model is), or else the one the checkpoint stores."""
+    if config is None:
+        config = config_from_workdir(workdir)
+    elif check:
+        check_config_matches_checkpoint(config, workdir)
+    return configlib.validate_eval(configlib.validate(config))
 
 
 def main(argv, flag_values) -> None:
@@ -278,15 +343,21 @@ def main(argv, flag_values) -> None:
     from mirasol3b import distributed
 
     distributed.maybe_initialize_from_flags()
+    quiet_logging()
     config_flag, workdir_flag, split_flag = flag_values
-    config, workdir = config_flag.value, workdir_flag.value
+    workdir = workdir_flag.value
     try:
-        configlib.validate_eval(configlib.validate(config))
+        config = resolve_config(config_flag.value, workdir, check=flags.FLAGS.config_check)
+        if split_flag.value:
+            config.eval.split = split_flag.value
+        from data import pipeline
+
+        pipeline.check_eval_split(config)  # a wrong split or an unbuilt dataset: before the checkpoint is read
         mesh = sharding.make_mesh(config.mesh_shape)
         step, params = restore_params(config, workdir, mesh)
     except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError) as e:
         sys.exit(f"error: {e}")
-    logging.info("evaluating step %d of %s", step, workdir)
+    print(f"evaluating step {step} of {workdir}", file=sys.stderr, flush=True)  # stdout: the JSON line only
     metrics = {"step": step, **evaluate(config, params, mesh, split=split_flag.value)}
     if jax.process_index() == 0:
         line = json.dumps(metrics)

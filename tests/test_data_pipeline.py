@@ -213,9 +213,20 @@ def test_mixture_rates_parse_and_validate():
         mixtures.register_mixture("user_a", {"user_b": 1})
 
 
-def test_unknown_task_is_an_error_naming_the_field():
-    with pytest.raises(ValueError, match=r"config\.data\.task.*no_such_task"):
-        pipeline.make_input_iterator(make_config(task="no_such_task"), "train", 0, 1)
+def test_unknown_task_or_task_module_is_an_error_naming_the_field(tmp_path, monkeypatch):
+    with pytest.raises(configlib.ConfigError, match=r"config\.data\.task: expected one of .*'synthetic_avqa_tiny'.*"
+                                                     r"task_modules.*got 'synthetic_avqa_tinny'"):
+        pipeline.make_input_iterator(make_config(task="synthetic_avqa_tinny"), "train", 0, 1)
+    with pytest.raises(configlib.ConfigError, match=r"config\.data\.task: expected a registered .*got 'xyzzy'"):
+        pipeline.resolve_provider(make_config(task="xyzzy"))
+    with pytest.raises(configlib.ConfigError, match=r"config\.data\.task_modules: .*no 'my_taskz' on the module "
+                                                     r"path.*PYTHONPATH.*got 'my_taskz'"):
+        pipeline.resolve_provider(make_config(task_modules="my_taskz"))
+    # A module that is there but imports one that is not: its own error, which names the import.
+    (tmp_path / "tasks_needing_x.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        pipeline.resolve_provider(make_config(task_modules="tasks_needing_x"))
 
 
 def test_a_user_mixture_reads_the_tasks_registered_for_the_config(tmp_path):

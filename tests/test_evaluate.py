@@ -191,6 +191,20 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
 
     restored_config = evaluate.config_from_workdir(str(tmp_path))
     assert restored_config.to_dict() == cfg.to_dict()
+    # A --config that differs in what the model is (same param shapes: it would restore and be
+    # scored as another model) is refused, naming the fields; how it computes may differ.
+    given = cfg.copy_and_resolve_references()
+    given.model.update(dtype="bfloat16", remat_policy="nothing_saveable", combiner_outputs_only=False)
+    assert evaluate.resolve_config(given, str(tmp_path), check=True) is given
+    given.model.time_aligned.window = cfg.model.time_aligned.window + 1
+    given.model.combiner_readout = "per_modality" if cfg.model.combiner_readout == "joint" else "joint"
+    with pytest.raises(configlib.ConfigError, match=r"(?s)differs from the one the checkpoint was trained with.*"
+                                                     r"model\.combiner_readout: .* here.*model\.time_aligned\.window: "
+                                                     rf"{given.model.time_aligned.window} here, "
+                                                     rf"{cfg.model.time_aligned.window} in the checkpoint"):
+        evaluate.resolve_config(given, str(tmp_path), check=True)
+    assert evaluate.resolve_config(given, str(tmp_path), check=False) is given  # --noconfig_check
+    assert evaluate.resolve_config(None, str(tmp_path), check=True).to_dict() == cfg.to_dict()
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     step, restored = evaluate.restore_params(restored_config, str(tmp_path), mesh)
     assert step == 5

@@ -166,3 +166,11 @@ def test_sigterm_saves_its_step_and_exits_143_or_says_it_could_not_save(tmp_path
     assert "resumed from step 3" in out
     assert "preempted at step 5, which could not be saved" in out and "the next run resumes from step 4" in out
     assert signal.getsignal(signal.SIGTERM) == handler, "the loop's guard put the previous handler back"
+
+
+def test_a_dataset_of_another_geometry_is_a_config_error_before_compiling(tmp_path):
+    cfg, built_at = _config(2), _config(2)
+    built_at.model.video.image_size = 16
+    with pytest.raises(configlib.ConfigError, match=r"'video' is \(8, 16, 16, 3\) per example, the config's model "
+                                                     r"takes \(8, 32, 32, 3\).*another geometry"):
+        loop.train(cfg, str(tmp_path / "run"), data_iter=RandomBatches(built_at, built_at.data.batch_size))

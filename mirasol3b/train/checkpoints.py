@@ -299,8 +299,11 @@ class Checkpointer:
                     "fingerprint": ocp.JsonCheckpointHandler()}
         options = ocp.CheckpointManagerOptions(
             create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+            save_interval_steps=0 if read_only else 1,  # this class decides when to save (maybe_save)
             preservation_policy=_LatestGoodN(keep, self.corrupt), lightweight_initialize=True)
-        self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        # Orbax warns "Given directory is read only" on every evaluate and answer: what was asked for.
+        with _absl_level(logging.ERROR) if read_only else contextlib.nullcontext():
+            self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
 
     # -- bookkeeping --
 
@@ -579,6 +582,16 @@ def _unflatten_like(template, flat: dict[str, Any]):
 
 
 # ---- preemption ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _absl_level(level: int):
+    previous = logging.get_verbosity()
+    logging.set_verbosity(min(previous, level))
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+
 
 class PreemptionGuard:
     """`with PreemptionGuard() as guard:` SIGTERM/SIGINT only set a flag; the loop, after each step:

@@ -12,7 +12,6 @@ which reach `gs://`.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
@@ -30,7 +29,7 @@ from mirasol3b import configlib, sharding
 from mirasol3b.model import Mirasol3B
 from mirasol3b.train import checkpoints as ckpt
 from mirasol3b.train.optimizer import make_optimizer
-from mirasol3b.train.state import abstract_state, state_shardings
+from mirasol3b.train.state import abstract_state, check_batch_shapes, state_shardings
 from mirasol3b.train.step import make_train_step
 
 # What the train step reads; the pipeline's other keys (prompts, eval metadata) stay on the host.
@@ -141,12 +140,6 @@ def quiet_logging() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
-def import_task_modules(config: ml_collections.ConfigDict) -> None:
-    """Imports `config.data.task_modules` so user-defined tasks register before the pipeline looks."""
-    for name in filter(None, (m.strip() for m in config.data.task_modules.split(","))):
-        importlib.import_module(name)
-
-
 def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_iter):
     """(state, shardings, first step): resumed, fine-tuned from `init_from`, or fresh."""
     boxed, init = abstract_state(model, optimizer, example)
@@ -205,12 +198,14 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
                                     config.data.batch_size)
     if data_iter is None:
         from data import pipeline  # TensorFlow and SeqIO load only when the pipeline is used
-        import_task_modules(config)
+        configlib.import_task_modules(config)
         data_iter = pipeline.make_input_iterator(config, "train")
 
     model = Mirasol3B(config.model)
     optimizer = make_optimizer(config.train)
-    example = global_batch(model_batch(_peek(data_iter), config), mesh)
+    first = model_batch(_peek(data_iter), config)
+    check_batch_shapes(first, config)
+    example = global_batch(first, mesh)
     c = config.checkpoint
     checkpointer = ckpt.Checkpointer(workdir, save_every=c.every_steps, keep=c.keep, async_save=c.async_save)
     state, shardings, start_step = _initial_state(config, model, optimizer, example, mesh, checkpointer, data_iter)

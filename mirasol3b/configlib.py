@@ -40,8 +40,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        reason = e
+        while reason.args and isinstance(reason.args[0], BaseException):  # a nested field: AttributeError(KeyError)
+            reason = reason.args[0]
+        text = str(reason.args[0] if reason.args else reason).replace("\n", "; ")
         sys.exit(f"FATAL Flags parsing error: a --config override names a field the config does not have: "
-                 f"{e.args[0] if e.args else e} (overrides given: {', '.join(overrides)})")
+                 f"{text} (overrides given: {', '.join(overrides)})")
 
 
 def import_task_modules(config: ml_collections.ConfigDict) -> None:

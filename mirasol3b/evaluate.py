@@ -222,16 +222,11 @@ def restore_params(config: ml_collections.ConfigDict, workdir: epath.PathLike, m
 
 def _stored_config(workdir: epath.PathLike) -> tuple[dict | None, epath.Path]:
     """(the config saved with `workdir`'s latest checkpoint as a dict, or None if it stores none; its path)."""
-    import orbax.checkpoint as ocp
-
     with _checkpointer(workdir) as ckpt:
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in workdir {workdir!r} ({ckpt.directory})")
-        path = epath.Path(ckpt.step_path(step)) / "config"
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-        saved = reader.restore(path, args=ocp.args.JsonRestore())
-    return saved or None, path
+        return ckpt.saved_config(step), epath.Path(ckpt.step_path(step)) / "config"
 
 
 def config_from_workdir(workdir: epath.PathLike) -> ml_collections.ConfigDict:

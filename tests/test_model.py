@@ -649,6 +649,10 @@ def test_an_override_of_a_field_the_config_lacks_is_one_line_naming_it():
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "names a field the config does not have" in done.stderr and 'Did you mean "model"' in done.stderr
     assert "--config.modle.dtype" in done.stderr
+    nested = subprocess.run([sys.executable, "-m", "mirasol3b.summary", "--config=configs/tiny.py",
+                             "--config.train.num_step=3"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert nested.returncode == 1 and "Traceback" not in nested.stderr, nested.stderr[-2000:]
+    assert """: 'num_step'; Did you mean "num_steps" instead""" in nested.stderr, nested.stderr[-2000:]  # not a repr
 
 
 def _leaf_paths(cfg, prefix=""):

@@ -64,12 +64,15 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     loop.train(cfg, workdir, data_iter=data)
     out = capsys.readouterr().out
     assert "resumed from step 4" in out and "dropped 2 lines of steps after 4" in out
+    # The cosine spans num_steps: raising it moves the rate at the resumed step, and the run says so.
+    assert "learning-rate schedule is not the checkpoint's run's (train.num_steps 4 -> 6): at step 4" in out
     assert data.position == 6, "the data position was restored with the state"
     steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert steps == [2, 4, 6]
     assert os.listdir(os.path.join(workdir, "tensorboard")), "TensorBoard event files are written"
     assert loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size)) == {}
-    assert "nothing to do" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "learning-rate schedule" not in out
     # Another input pipeline than the checkpoint's (here: one that refuses its saved position, as
     # the SeqIO pipeline does for another task, batch size, host count or seed).
     class OtherPipeline(RandomBatches):

@@ -349,6 +349,14 @@ class Checkpointer:
                 found[int(name)] = os.fspath(directory / name)
         return found
 
+    def saved_config(self, step: int) -> dict | None:
+        """The config saved with `step`, as a dict (None if it stores none)."""
+        path = epath.Path(self.step_path(step)) / "config"
+        if not path.exists():
+            return None
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+            return reader.restore(path, args=ocp.args.JsonRestore()) or None
+
     def latest_step(self) -> int | None:
         """The newest finalized step not known to be corrupt (not yet verified: see restore_latest)."""
         self._manager.reload()

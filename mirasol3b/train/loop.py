@@ -28,7 +28,7 @@ from flax import linen as nn
 from mirasol3b import configlib, sharding
 from mirasol3b.model import Mirasol3B
 from mirasol3b.train import checkpoints as ckpt
-from mirasol3b.train.optimizer import make_optimizer
+from mirasol3b.train.optimizer import SCHEDULE_FIELDS, learning_rate_schedule, make_optimizer
 from mirasol3b.train.state import abstract_state, check_batch_shapes, state_shardings
 from mirasol3b.train.step import make_train_step
 
@@ -159,6 +159,7 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
             logging.warning("checkpoint step %d: %s; data.reset_position: the input pipeline starts from its "
                             "beginning", step, e)
         print(f"resumed from step {step} ({checkpointer.step_path(step)})", flush=True)
+        _note_schedule_change(config, checkpointer.saved_config(step), step)
         return state, shardings, step
     if checkpointer.all_steps():  # starting over would bury them under new steps of the same numbers
         raise ckpt.CheckpointCorruptError(
@@ -174,6 +175,22 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
         state = state.replace(params=params)
         print(f"params initialised from {config.init_from}", flush=True)
     return state, shardings, 0
+
+
+def _note_schedule_change(config: ml_collections.ConfigDict, saved: dict | None, step: int) -> None:
+    """Says so when the learning-rate schedule is not the one of the run that saved `step`: the
+    cosine spans train.num_steps, so raising it to train on moves the rate at the resumed step."""
+    before = dict(saved.get("train", {})) if saved else {}
+    changed = [f for f in SCHEDULE_FIELDS if f in before and before[f] != config.train[f]]
+    if not changed:
+        return
+    then = config.train.copy_and_resolve_references()
+    then.update({f: before[f] for f in changed})
+    rate, was = (float(learning_rate_schedule(t)(step)) for t in (config.train, then))
+    print("note: the learning-rate schedule is not the checkpoint's run's ("
+          + ", ".join(f"train.{f} {before[f]} -> {config.train[f]}" for f in changed)
+          + f"): at step {step} the rate is {rate:.3g} (that run's: {was:.3g}), and follows the new schedule",
+          flush=True)
 
 
 def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_iter: Iterator | None = None,

@@ -8,6 +8,9 @@ import ml_collections
 import optax
 
 
+SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "num_steps", "end_learning_rate_fraction")  # of config.train
+
+
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,

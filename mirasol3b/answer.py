@@ -99,7 +99,10 @@ def main(argv, config_flag) -> None:
         sys.exit(f"error: cannot read video {e.path}: {e.reason}: {e.detail}{hint}")
     except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError) as e:
         sys.exit(f"error: {e}")
-    print(answer_batch(config, params, batch, mesh=mesh), flush=True)
+    text = answer_batch(config, params, batch, mesh=mesh)
+    print(text, flush=True)
+    if not text.strip():  # a blank line alone reads like a failure to print
+        print("(the answer is empty: the model ended its text at once)", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -90,16 +90,15 @@ def main(argv, flag_values) -> None:
         return evaluations[-1]
 
     loop.train(config, workdir, evaluate_fn=evaluate_fn)
-    if evaluations:
+    if evaluations:  # the loop wrote its eval_<split>_step<N>.json
         metrics = {"step": config.train.num_steps, **evaluations[-1]}
     else:  # trained by an earlier run
         mesh = sharding.make_mesh(config.mesh_shape)
         step, params = evaluate.restore_params(config, workdir, mesh)
         metrics = {"step": step, **evaluate.evaluate(config, params, mesh)}
-    line = json.dumps(metrics)
-    print(line, flush=True)
-    if jax.process_index() == 0:
-        evaluate.write_metrics(workdir, metrics)
+        if jax.process_index() == 0:
+            evaluate.write_metrics(workdir, metrics)
+    print(json.dumps(metrics), flush=True)
     example = answer_example_clip(config, workdir)
     print(f"clip: {example['clip']}\nquestion: {example['question']}\n"
           f"answer: {example['prediction']}   (reference: {example['reference']})", flush=True)

@@ -97,13 +97,15 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
 
     def evaluate_fn(config, params, mesh):
         calls.append(int(jax.tree.leaves(params)[0].shape[0]))
-        return {"exact_match": 0.5}
+        return {"split": "validation", "exact_match": 0.5, "samples": [{"prediction": "red"}]}
 
     for _ in range(2):
         assert loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size), evaluate_fn=evaluate_fn) == {}
     assert len(calls) == 1 and "its final evaluation is missing: evaluating" in capsys.readouterr().out
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [(m["step"], m["split"]) for m in lines][-1] == (6, "eval") and lines[-1]["exact_match"] == 0.5
+    written = json.loads(open(os.path.join(workdir, "eval_validation_step6.json")).read())
+    assert written["samples"] == [{"prediction": "red"}], "the whole result, beside metrics.jsonl's numbers"
 
     # Every checkpoint unreadable: the run refuses to start over (its new steps 2, 4 and 6 would
     # be refused next to the old ones, or mistaken for them), naming each one.

@@ -70,6 +70,7 @@ class MetricsLog:
 
     def __init__(self, workdir: epath.PathLike, resumed_from: int = 0):
         self.enabled = jax.process_index() == 0
+        self.workdir = epath.Path(workdir)
         if self.enabled:
             import tensorflow as tf
             from tensorflow.core.framework import summary_pb2
@@ -80,7 +81,7 @@ class MetricsLog:
             metadata.plugin_data.plugin_name = "scalars"
             self._scalar_metadata = metadata.SerializeToString()
             self._tf = tf
-            self.path = epath.Path(workdir) / "metrics.jsonl"
+            self.path = self.workdir / "metrics.jsonl"
             self.path.touch()  # present from the start, as an opened log would be
             self._drop_after(resumed_from)
             self._writer = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))  # gs:// too
@@ -296,7 +297,11 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
 
 def _evaluate(evaluate_fn, config, params, mesh, log: MetricsLog, step: int) -> None:
     results = evaluate_fn(config, params, mesh)
-    log.write(step, results, prefix="eval")
+    log.write(step, results, prefix="eval")  # the numbers; the whole result (samples too) beside, as evaluate's
+    if "split" in results and jax.process_index() == 0:
+        from mirasol3b.evaluate import write_metrics  # evaluate imports this module
+
+        write_metrics(log.workdir, {"step": step, **results})
     print(f"eval at step {step}: " + json.dumps({k: v for k, v in results.items() if isinstance(v, (int, float))}),
           flush=True)
 

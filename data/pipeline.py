@@ -30,9 +30,11 @@ zero rows whose `example_valid` is False and loss weights 0. Every example appea
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import difflib
 import json
+import weakref
 from collections.abc import Iterator
 
 import jax
@@ -241,6 +243,17 @@ class _Where:
     batch_size: int
 
 
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _release_tf_iterators() -> None:
+    """Frees every TrainIterator's TF iterator before the interpreter's shutdown would: freed then,
+    a mixture's (a sampler over parallel maps) waits forever for worker threads that no longer run."""
+    for it in list(_LIVE_ITERATORS):
+        it._it = None
+
+
 class TrainIterator(Iterator):
     """Infinite host-local batches; `get_state()`/`set_state()` save and restore its position."""
 
@@ -257,6 +270,7 @@ class TrainIterator(Iterator):
         self._batches = 0
         self._log = _TruncationLog()
         self._it = None  # built on first use, so set_state before it costs nothing
+        _LIVE_ITERATORS.add(self)
         # SeqIO takes a buffer size for a task's dataset, not a mixture's (its tasks keep their own).
         self._shuffle_buffer = config.data.shuffle_buffer if isinstance(self._provider, seqio.Task) else None
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 from absl import app
+from etils import epath
 
 from mirasol3b.layers.spec import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, fused_attention_fits
 from mirasol3b.losses import LATENT_LOSSES, LATENT_NEGATIVES
@@ -352,6 +353,50 @@ def leaves(cfg: ml_collections.ConfigDict, prefix: str = ""):
             yield from leaves(value, path + ".")
         else:
             yield path, value
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A config saved as JSON (with a checkpoint) over `base_config()`, so fields added since keep
+    their defaults; not validated."""
+    def merge(config: ml_collections.ConfigDict, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+                merge(config[key], value)
+            else:  # JSON has no tuples; keep the default's sequence type (mesh_shape)
+                default = config.get(key)
+                config[key] = type(default)(value) if isinstance(default, tuple) and isinstance(value, list) else value
+
+    config = base_config()
+    merge(config, saved)
+    return config
+
+
+# Fields of `model` that change how the model computes, not what it computes: evaluating with other
+# values than training's is fine (params are cast to param_dtype; dropout is off when evaluating).
+HOW_NOT_WHAT = frozenset({"model.dtype", "model.param_dtype", "model.remat_policy", "model.attention_impl",
+                          "model.combiner_outputs_only", "model.audio.dft", "model.dropout_rate",
+                          "model.modality_dropout"})
+
+
+def model_differences(config: ml_collections.ConfigDict, saved: dict) -> list[str]:
+    """`config.FIELD: VALUE here, VALUE in the checkpoint` for each field that defines the trained
+    model (`model.*` but `HOW_NOT_WHAT`, and `data.vocab_path`) where `config` and the checkpoint's
+    saved config (a dict) differ."""
+    here, differ = dict(leaves(config)), []
+    for field, value in leaves(from_saved(saved)):
+        if not (field.startswith("model.") or field == "data.vocab_path") or field in HOW_NOT_WHAT:
+            continue
+        ours = here.get(field)
+        if ours != value and not (field == "data.vocab_path" and _same_file(ours, value)):
+            differ.append(f"config.{field}: {ours!r} here, {value!r} in the checkpoint")
+    return differ
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return bool(a and b) and epath.Path(a).read_bytes() == epath.Path(b).read_bytes()
+    except OSError:
+        return False
 
 
 def _require(ok: bool, field: str, expected: str, got: Any) -> None:

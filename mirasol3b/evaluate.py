@@ -235,59 +235,21 @@ def config_from_workdir(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     saved, path = _stored_config(workdir)
     if saved is None:
         raise FileNotFoundError(f"checkpoint {path.parent} stores no config; pass --config")
-    config = configlib.base_config()
-    _merge(config, saved)
-    return configlib.validate(config)  # a field the code no longer knows is an error naming it
-
-
-# Fields of `model` that change how the model computes, not what it computes: evaluating with other
-# values than training's is fine (params are cast to param_dtype; dropout is off when evaluating).
-HOW_NOT_WHAT = frozenset({"model.dtype", "model.param_dtype", "model.remat_policy", "model.attention_impl",
-                          "model.combiner_outputs_only", "model.audio.dft", "model.dropout_rate",
-                          "model.modality_dropout"})
+    return configlib.validate(configlib.from_saved(saved))  # a field the code no longer knows is an error naming it
 
 
 def check_config_matches_checkpoint(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
-    """Raises `ConfigError` naming each field that defines the trained model (`model.*` but
-    `HOW_NOT_WHAT`, and `data.vocab_path`) whose value differs from the config stored with
-    `workdir`'s checkpoint. Params of the same shapes restore under another window, readout or
-    geometry, and would be scored as another model without a word."""
+    """Raises `ConfigError` naming each field that defines the trained model
+    (`configlib.model_differences`) whose value differs from the config stored with `workdir`'s
+    checkpoint. Params of the same shapes restore under another window, readout or geometry, and
+    would be scored as another model without a word."""
     saved, path = _stored_config(workdir)
-    if saved is None:
-        return  # nothing to compare with
-    stored = configlib.base_config()
-    _merge(stored, saved)
-    here = dict(configlib.leaves(config))
-    differ = []
-    for field, value in configlib.leaves(stored):
-        if not (field.startswith("model.") or field == "data.vocab_path") or field in HOW_NOT_WHAT:
-            continue
-        ours = here.get(field)
-        if ours == value or (field == "data.vocab_path" and _same_file(ours, value)):
-            continue
-        differ.append(f"\n  config.{field}: {ours!r} here, {value!r} in the checkpoint")
+    differ = configlib.model_differences(config, saved) if saved is not None else []
     if differ:
         raise configlib.ConfigError(
             f"the config given differs from the one the checkpoint was trained with ({path}) in fields that "
-            "define the model:" + "".join(differ) + "\nOmit --config to use the checkpoint's own, give the "
-            "training run's overrides too, or pass --noconfig_check to use these values on purpose.")
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return bool(a and b) and epath.Path(a).read_bytes() == epath.Path(b).read_bytes()
-    except OSError:
-        return False
-
-
-def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
-    for key, value in saved.items():
-        if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
-            _merge(config[key], value)
-        else:
-            # JSON has no tuples; keep the default's sequence type (mesh_shape).
-            default = config.get(key)
-            config[key] = type(default)(value) if isinstance(default, tuple) and isinstance(value, list) else value
+            "define the model:" + "".join(f"\n  {d}" for d in differ) + "\nOmit --config to use the checkpoint's "
+            "own, give the training run's overrides too, or pass --noconfig_check to use these values on purpose.")
 
 
 def write_metrics(workdir: epath.PathLike, metrics: dict) -> epath.Path:

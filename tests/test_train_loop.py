@@ -57,6 +57,13 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     cfg = _config(4)
     loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
+    # Resuming under another model config: the fields first, then the params that do not fit.
+    other = _config(6)
+    other.model.scan_layers = not cfg.model.scan_layers
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)differs from the one checkpoint step 4 was trained "
+                       rf"with .*config\.model\.scan_layers: {other.model.scan_layers} here, "
+                       rf"{cfg.model.scan_layers} in the checkpoint.*does not fit"):
+        loop.train(other, workdir, data_iter=RandomBatches(other, other.data.batch_size))
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:  # a run that died after logging step 6
         f.write(json.dumps({"step": 6, "split": "train", "loss": 1.0}) + '\n{"step": 8, "spl')  # ...while writing
     cfg = _config(6)

@@ -146,7 +146,20 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
     boxed, init = abstract_state(model, optimizer, example)
     shardings = state_shardings(boxed, mesh)
     abstract = ckpt.with_shardings(nn.unbox(boxed), shardings)
-    restored = checkpointer.restore_latest(abstract)
+    try:
+        restored = checkpointer.restore_latest(abstract)
+    except ckpt.CheckpointMismatchError as e:
+        latest = checkpointer.latest_step()
+        saved = checkpointer.saved_config(latest) if latest is not None else None
+        differ = configlib.model_differences(config, saved) if saved else []
+        if not differ:
+            raise
+        # The config says why in a line; the param paths (hundreds for a scan_layers change) follow.
+        raise ckpt.CheckpointMismatchError(
+            f"this run's config differs from the one checkpoint step {latest} was trained with "
+            f"({checkpointer.step_path(latest)}) in fields that define the model:"
+            + "".join(f"\n  {d}" for d in differ) + "\nResume with the run's values, or train in a new workdir "
+            "(config.init_from takes the params that still fit). The checkpoint's params:\n" + str(e)) from e
     if restored is not None:
         step, state, data_state = restored
         try:

@@ -315,7 +315,7 @@ def main(argv, flag_values) -> None:
     except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError) as e:
         sys.exit(f"error: {e}")
     print(f"evaluating step {step} of {workdir}", file=sys.stderr, flush=True)  # stdout: the JSON line only
-    metrics = {"step": step, **evaluate(config, params, mesh, split=split_flag.value)}
+    metrics = {"step": step, **evaluate(config, params, mesh)}  # config.eval.split: --split's when given
     if jax.process_index() == 0:
         line = json.dumps(metrics)
         print(line, flush=True)

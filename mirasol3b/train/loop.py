@@ -84,7 +84,7 @@ class MetricsLog:
             self.path = self.workdir / "metrics.jsonl"
             self.path.touch()  # present from the start, as an opened log would be
             self._drop_after(resumed_from)
-            self._writer = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))  # gs:// too
+            self._writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))  # gs:// too
 
     def _records(self) -> list[tuple[str, dict | None]]:
         """(line, its record, or None for a line a crash left unfinished) of metrics.jsonl."""

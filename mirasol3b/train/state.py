@@ -39,10 +39,10 @@ def check_batch_shapes(batch: dict, config) -> None:
     """Raises `ConfigError` if a batch's per-example shapes are not `example_batch(config)`'s: a
     dataset built at another geometry than the config's would otherwise fail deep in the model."""
     for key, want in example_batch(config, 1).items():
-        got = np.shape(batch[key])[1:] if key in batch else None
-        if got is not None and tuple(got) != tuple(want.shape[1:]):
+        got = tuple(np.shape(batch.get(key, want))[1:])
+        if got != tuple(want.shape[1:]):
             raise configlib.ConfigError(
-                f"the input pipeline's {key!r} is {tuple(got)} per example, the config's model takes "
+                f"the input pipeline's {key!r} is {got} per example, the config's model takes "
                 f"{tuple(want.shape[1:])}: the dataset was built at another geometry than the config's "
                 "(model.video.image_size and fps, model.audio.sample_rate, data.num_frames, data.text_length). "
                 "Rebuild it at the config's, or set those fields to the dataset's.")

@@ -52,6 +52,10 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.beam_size <= 0:
             raise ValueError(f"DecodeConfig.beam_size must be positive, got {self.beam_size}")
+        if self.length_penalty < 0:
+            # Beam search stops early on the bound alive_logp / penalty(max_len), which holds only
+            # for penalties that grow with length.
+            raise ValueError(f"DecodeConfig.length_penalty must be >= 0, got {self.length_penalty}")
 
 
 # ---- the cached decoder, step by step ---------------------------------------------------------

@@ -213,5 +213,7 @@ def test_decode_config_and_length_are_checked(transformer_setup):
         decoding.DecodeConfig(method="nucleus")
     with pytest.raises(ValueError, match="top_p"):
         decoding.DecodeConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="length_penalty"):
+        decoding.DecodeConfig(method="beam", length_penalty=-0.5)
     with pytest.raises(ValueError, match="max_length"):
         _generate(model, params, gen, decoding.DecodeConfig(max_new_tokens=1000))

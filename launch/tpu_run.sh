@@ -9,7 +9,8 @@
 #
 # Steps (each a gcloud command; --dry-run prints them, shell-quoted, and runs none):
 #   1. with --create: create the TPU VM;
-#   2. ask gcloud how many workers (hosts) it has, unless --num-workers says;
+#   2. ask gcloud how many workers (hosts) it has, unless --num-workers says, and stop here if
+#      any worker still runs a job this script started (its code and chips are in use);
 #   3. put the code on every worker, in --remote-dir under the remote home (replaced each run):
 #      by default the local working tree (tracked and untracked files git does not ignore, so
 #      uncommitted edits travel too), packed here and copied with scp; with --repo/--git-ref,
@@ -29,7 +30,13 @@
 # its output goes to ~/tpu_run_logs/JOB/output.log there, and its pid and exit status to pid and
 # exit_status beside it; the ssh only follows that log. So Ctrl-C or a lost connection stops
 # the following, not the job: --attach JOB follows it again (from the start of its log) and
-# exits with its status; the script prints the command that stops it.
+# exits with its status; the script prints the command that stops it. The start is tagged with
+# this launch's id, so when gcloud retries the ssh after a dropped connection (it does, on
+# ssh's 255) the retry follows the job it started instead of starting it again.
+#
+# A `--workdir` in COMMAND must outlive the code directory, which the next launch replaces:
+# a relative one (inside it) is refused; use gs://BUCKET/PATH, which every host of a slice
+# shares (a local path on several hosts gives each its own checkpoints).
 set -euo pipefail
 
 readonly PROG=tpu_run
@@ -188,6 +195,21 @@ for kv in "${envs[@]}"; do
 done
 command_argv=("$@")
 
+# A relative --workdir would live in the code directory on the workers, which the next launch
+# deletes with the checkpoints in it.
+for ((i = 0; i < ${#command_argv[@]}; i++)); do
+  case ${command_argv[i]} in
+    --workdir=*) workdir=${command_argv[i]#--workdir=} ;;
+    --workdir) workdir=${command_argv[i + 1]-} ;;
+    *) continue ;;
+  esac
+  if [[ $workdir != *://* && $workdir != /* ]]; then
+    die_usage "--workdir '$workdir' in the command is relative: on the workers it would be inside" \
+      "the code directory $remote_dir, which the next launch replaces (checkpoints included). Use gs://BUCKET/PATH" \
+      "(every host of a slice must see the same directory; README.md, \"Before the first run\")"
+  fi
+done
+
 # Flags every gcloud tpu-vm call takes: the zone, and the project when given.
 where=("--zone=$zone")
 [[ -z $project ]] || where+=("--project=$project")
@@ -258,24 +280,53 @@ echo "$(hostname): $(git -C "$3" rev-parse HEAD)"
 EOF
 readonly CLONE_SCRIPT
 
-# $1 job folder (relative to the home); $2 the command line to start there as a new job, or
-# none to follow the job already there. Prints the job's output as it comes (from the start of
-# its log) and exits with the job's status.
-read -r -d '' JOB_SCRIPT <<'EOF' || true
-set -euo pipefail
+# Shared by the scripts below. job_running DIR: DIR's job (an absolute job folder) is alive: its
+# pid is alive and is that job's shell (the pid file outlives a reboot; its pid may be reused).
+read -r -d '' JOB_LIB <<'EOF' || true
+job_running() {
+  [ -s "$1/pid" ] && [ ! -e "$1/exit_status" ] || return 1
+  pid=$(cat "$1/pid")
+  kill -0 "$pid" 2>/dev/null || return 1
+  [ -r "/proc/$pid/cmdline" ] || return 0
+  tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qxF -- "$1"
+}
+EOF
+readonly JOB_LIB
+
+# Lists the jobs still running on this worker, one "tpu_run-running JOB PID HOST" line each.
+read -r -d '' CHECK_SCRIPT <<EOF || true
+set -eu
+$JOB_LIB
+for dir in "\$HOME/$REMOTE_JOBS"/*/; do
+  dir=\${dir%/}
+  if job_running "\$dir"; then echo "tpu_run-running \${dir##*/} \$(cat "\$dir/pid") \$(hostname)"; fi
+done
+EOF
+readonly CHECK_SCRIPT
+
+# $1 job folder (relative to the home); then either $2 this launch's id and $3 the command line
+# to start there as a new job, or nothing, to follow the job already there. Prints the job's
+# output as it comes (from the start of its log) and exits with the job's status.
+read -r -d '' JOB_SCRIPT_BODY <<'EOF' || true
 job=$HOME/$1
-if [ $# -ge 2 ]; then
-  if [ -s "$job/pid" ] && [ ! -e "$job/exit_status" ] && kill -0 "$(cat "$job/pid")" 2>/dev/null; then
-    echo "$(hostname): job ~/$1 is still running (pid $(cat "$job/pid")); stop it first" >&2
-    exit 1
+if [ $# -ge 3 ]; then
+  if [ -s "$job/launch_id" ] && [ "$(cat "$job/launch_id")" = "$2" ]; then
+    # gcloud retried this ssh after a dropped connection: the job is this launch's own.
+    echo "$(hostname): job ~/$1 was started by this launch already; following it (its log from the start)" >&2
+  else
+    if job_running "$job"; then
+      echo "$(hostname): job ~/$1 is still running (pid $(cat "$job/pid")); stop it first" >&2
+      exit 1
+    fi
+    mkdir -p "$job"
+    rm -f "$job/output.log" "$job/pid" "$job/exit_status"
+    echo "$2" >"$job/launch_id"
+    # A session of its own, holding none of the pipes of the ssh: when the connection goes
+    # (laptop asleep, Wi-Fi, Ctrl-C) the job gets no hangup and its prints no broken pipe. Its
+    # shell traps TERM so that a stop still records the status.
+    setsid nohup bash -c 'echo $$ >"$1/pid"; trap : TERM; eval "$2"; echo $? >"$1/exit_status.tmp"
+mv "$1/exit_status.tmp" "$1/exit_status"' tpu_run "$job" "$3" >"$job/output.log" 2>&1 </dev/null &
   fi
-  mkdir -p "$job"
-  rm -f "$job/output.log" "$job/pid" "$job/exit_status"
-  # A session of its own, holding none of the pipes of the ssh: when the connection goes
-  # (laptop asleep, Wi-Fi, Ctrl-C) the job gets no hangup and its prints no broken pipe. Its
-  # shell traps TERM so that a stop still records the status.
-  setsid nohup bash -c 'echo $$ >"$1/pid"; trap : TERM; eval "$2"; echo $? >"$1/exit_status.tmp"
-mv "$1/exit_status.tmp" "$1/exit_status"' tpu_run "$job" "$2" >"$job/output.log" 2>&1 </dev/null &
   tries=0
   until [ -s "$job/pid" ]; do
     tries=$((tries + 1))
@@ -291,13 +342,15 @@ if [ -s "$job/exit_status" ]; then exit "$(cat "$job/exit_status")"; fi
 echo "$(hostname): job ~/$1 ended without an exit status (killed?)" >&2
 exit 1
 EOF
-readonly JOB_SCRIPT
+readonly JOB_SCRIPT="set -euo pipefail"$'\n'"$JOB_LIB"$'\n'"$JOB_SCRIPT_BODY"
 
 # The command line each worker's job runs: activate the virtualenv, go to the code, export
 # the variables, run COMMAND. Every value is quoted, so the remote shell gives COMMAND exactly
 # the argv given here.
 job_args=("$job_dir")
 if [[ -z $attach ]]; then
+  # Unique per launch: a retried ssh (same id) follows the job instead of starting it again.
+  job_args+=("$(date +%Y%m%d-%H%M%S)-$$-$RANDOM")
   run_line="cd && . $(quote "$venv")/bin/activate && cd $(quote "$remote_dir")"
   if ((${#envs[@]})); then
     run_line+=" && export"
@@ -309,9 +362,14 @@ if [[ -z $attach ]]; then
   job_args+=("$run_line")
 fi
 remote_command=$(quote_words bash -c "$JOB_SCRIPT" "$PROG" "${job_args[@]}")
-attach_command=$(quote_words "$0" --tpu "$tpu" "${where[@]}" --attach "$job")
-stop_command=$(quote_words gcloud "${TPU_VM[@]}" ssh "$tpu" "${where[@]}" --worker=all \
-  "--command=[ -e $job_dir/exit_status ] || kill -TERM -- -\$(cat $job_dir/pid)")
+# The command lines that follow job NAME again and that stop it, for the user to paste.
+attach_line() { quote_words "$0" --tpu "$tpu" "${where[@]}" --attach "$1"; }
+stop_line() {
+  quote_words gcloud "${TPU_VM[@]}" ssh "$tpu" "${where[@]}" --worker=all \
+    "--command=[ -e $REMOTE_JOBS/$1/exit_status ] || kill -TERM -- -\$(cat $REMOTE_JOBS/$1/pid)"
+}
+attach_command=$(attach_line "$job")
+stop_command=$(stop_line "$job")
 
 # ---------------------------------------------------------------------------- 1. create
 if [[ -n $accel_type ]]; then
@@ -330,6 +388,33 @@ if [[ -z $num_workers ]]; then
     num_workers=$("${describe[@]}")
     [[ $num_workers =~ ^[1-9][0-9]*$ ]] ||
       die "could not read the worker count of $tpu (describe printed '$num_workers'); pass --num-workers"
+  fi
+fi
+
+# A job this script started that still runs holds the chips and runs from the code and the
+# virtualenv that steps 3 and 4 would replace under it: stop before touching anything.
+if [[ -z $attach ]]; then
+  check=(gcloud "${TPU_VM[@]}" ssh "$tpu" "${where[@]}" --worker=all
+    "--command=$(quote_words bash -c "$CHECK_SCRIPT" "$PROG")")
+  if ((dry_run)); then
+    echo "# stop if any of these lines says tpu_run-running (a job still runs on a worker):"
+    run "${check[@]}"
+  else
+    if ! check_output=$("${check[@]}"); then
+      die "could not ask the workers of $tpu whether a job still runs (the ssh failed; see above)"
+    fi
+    running=$(grep '^tpu_run-running ' <<<"$check_output" || true)
+    if [[ -n $running ]]; then
+      while read -r _ name pid host; do
+        say "job $name is still running on $host (pid $pid)"
+      done <<<"$running"
+      name=$(head -n 1 <<<"$running" | cut -d ' ' -f 2)
+      say "a new launch would replace its code and compete for the chips. Follow it:"
+      say "  $(attach_line "$name")"
+      say "or stop it, then launch again:"
+      say "  $(stop_line "$name")"
+      exit 1
+    fi
   fi
 fi
 

@@ -455,8 +455,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "'per_modality' is the Transformer Combiner's)", m.combiner_readout)
     _require(config.data.text_length <= m.text_decoder.max_length, "data.text_length",
              f"<= model.text_decoder.max_length ({m.text_decoder.max_length})", config.data.text_length)
-    _require(config.train.warmup_steps <= config.train.num_steps, "train.warmup_steps",
-             f"<= train.num_steps ({config.train.num_steps})", config.train.warmup_steps)
+    # The cosine decay needs at least one step after the warm-up (optax refuses zero decay steps).
+    _require(config.train.warmup_steps < config.train.num_steps, "train.warmup_steps",
+             f"< train.num_steps ({config.train.num_steps}); lower it for a short run", config.train.warmup_steps)
     return config
 
 

@@ -109,7 +109,7 @@ def decoder_step(model: Mirasol3B, params, cache, tokens: jax.Array, positions: 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Keeps the top-k tokens and the smallest set whose probability reaches top_p; others -> -inf."""
-    if top_k:
+    if 0 < top_k < logits.shape[-1]:  # a k of the vocabulary or more keeps every token
         # Exactly k (the lowest ids among ties): a threshold on the k-th value would keep every
         # token tied with it, and bf16 logits tie often; top_k=1 must be greedy.
         chosen = jax.lax.top_k(logits, top_k)[1]

@@ -155,3 +155,41 @@ def maybe_initialize_from_flags() -> Decision:
                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
+
+
+class NotSharedError(RuntimeError):
+    """A directory every process must share is not the same directory on every host."""
+
+
+def check_shared_directory(path, what: str = "the directory", *, create: bool = True) -> None:
+    """With several processes, checks that a local `path` is one directory they all see (a URI such
+    as gs://... is shared by nature): process 0 writes a file there, every process looks for it.
+    Raises NotSharedError on every process otherwise: checkpoints written there would be one
+    host's own, and Orbax's multi-host save would wait forever for the others' files. Every
+    process must call it (it meets the others twice)."""
+    import jax
+
+    path = os.fspath(path)
+    if jax.process_count() == 1 or "://" in path:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if create:
+        os.makedirs(path, exist_ok=True)
+    token = multihost_utils.broadcast_one_to_all(np.int64(int.from_bytes(os.urandom(7), "little")))
+    marker = os.path.join(path, f".shared_by_all_processes_{int(token)}")
+    if jax.process_index() == 0 and os.path.isdir(path):
+        with open(marker, "w") as f:
+            f.write("written by process 0 to check that every process sees this directory\n")
+    multihost_utils.sync_global_devices("check_shared_directory: written")  # same name on all
+    seen = multihost_utils.process_allgather(np.asarray(os.path.exists(marker)))
+    multihost_utils.sync_global_devices("check_shared_directory: read")
+    if jax.process_index() == 0 and os.path.exists(marker):
+        os.remove(marker)
+    blind = [int(i) for i in np.flatnonzero(~np.asarray(seen, bool))]
+    if blind:
+        raise NotSharedError(
+            f"{what} {path!r} is not one directory shared by the {jax.process_count()} processes: "
+            f"process(es) {blind} do not see the file process 0 wrote there (a local path on each host, "
+            "or missing). Use gs://BUCKET/PATH, or a file system every host mounts.")

@@ -304,6 +304,7 @@ def main(argv, flag_values) -> None:
     config_flag, workdir_flag, split_flag = flag_values
     workdir = workdir_flag.value
     try:
+        distributed.check_shared_directory(workdir, "--workdir", create=False)
         config = resolve_config(config_flag.value, workdir, check=flags.FLAGS.config_check)
         if split_flag.value:
             config.eval.split = split_flag.value
@@ -312,7 +313,8 @@ def main(argv, flag_values) -> None:
         pipeline.check_eval_split(config)  # a wrong split or an unbuilt dataset: before the checkpoint is read
         mesh = sharding.make_mesh(config.mesh_shape)
         step, params = restore_params(config, workdir, mesh)
-    except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError) as e:
+    except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError,
+            distributed.NotSharedError) as e:
         sys.exit(f"error: {e}")
     print(f"evaluating step {step} of {workdir}", file=sys.stderr, flush=True)  # stdout: the JSON line only
     metrics = {"step": step, **evaluate(config, params, mesh)}  # config.eval.split: --split's when given

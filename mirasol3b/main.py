@@ -22,20 +22,24 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    try:
+        # A bad config fails here, before the processes of a multi-host job meet; an impossible
+        # eval setting fails now, not after training.
+        configlib.validate_eval(configlib.validate(config))
+    except configlib.ConfigError as e:
+        sys.exit(f"error: {e}")
     distributed.maybe_initialize_from_flags()
     from data import pipeline
     from mirasol3b import evaluate
     from mirasol3b.train import checkpoints
 
     quiet_logging()
-    config = _CONFIG.value
     try:
-        # An impossible eval setting fails now, not after training.
-        configlib.validate_eval(config)
         pipeline.check_eval_split(config)
         train(config, _WORKDIR.value, evaluate_fn=evaluate.evaluate)
     except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError,
-            checkpoints.CheckpointCorruptError) as e:
+            checkpoints.CheckpointCorruptError, distributed.NotSharedError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -215,5 +215,8 @@ def test_decode_config_and_length_are_checked(transformer_setup):
         decoding.DecodeConfig(top_p=0.0)
     with pytest.raises(ValueError, match="length_penalty"):
         decoding.DecodeConfig(method="beam", length_penalty=-0.5)
+    # A top-k of the vocabulary or more keeps every token (no error from lax.top_k).
+    logits = jnp.array([[0.0, 1.0, 2.0]])
+    np.testing.assert_array_equal(decoding.filter_logits(logits, top_k=5), logits)
     with pytest.raises(ValueError, match="max_length"):
         _generate(model, params, gen, decoding.DecodeConfig(max_new_tokens=1000))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -28,7 +29,7 @@ SCRIPT = ROOT / "launch" / "tpu_run.sh"
 TPU_VM = ["compute", "tpus", "tpu-vm"]
 
 FAKE_GCLOUD = r'''
-import json, os, shutil, signal, subprocess, sys
+import json, os, shutil, signal, subprocess, sys, time
 
 argv = sys.argv[1:]
 with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:  # one write per call: workers call at once
@@ -86,7 +87,11 @@ if verb == "ssh":
                 os.killpg(session.pid, signal.SIGHUP)
                 session.wait()
                 print(f"Connection to worker {i} closed by remote host.", file=sys.stderr)
-                sys.exit(255)
+                if not os.environ.get("FAKE_GCLOUD_RETRY_AFTER"):
+                    sys.exit(255)
+                # As gcloud's tpu-vm ssh does on ssh's 255: the same command again, a while later.
+                time.sleep(float(os.environ["FAKE_GCLOUD_RETRY_AFTER"]))
+                sys.exit(subprocess.run(["bash", "-c", flags["command"]], cwd=home(i), env=env).returncode)
             status = status or session.returncode
             continue
         done = subprocess.run(["bash", "-c", flags["command"]], cwd=home(i), env=env)
@@ -153,9 +158,12 @@ TRICKY_ARGS = [
 ]
 
 
-# A long command: prints, sleeps SLEEP seconds, prints again, leaves a marker and exits 7.
+# A long command: counts its starts, prints, sleeps SLEEP seconds, prints again, leaves a marker
+# and exits 7.
 SLOW = r'''
 import os, sys, time
+with open(os.path.join(os.environ["HOME"], "starts"), "a") as f:
+    f.write("start\n")
 print("started", flush=True)
 time.sleep(float(os.environ["SLEEP"]))
 print("finished", flush=True)
@@ -279,14 +287,14 @@ def test_full_run_creates_copies_installs_and_runs_on_every_worker(fake):
     assert calls[0] == [*TPU_VM, "create", "pod", *where, "--accelerator-type=v5litepod-16",
                         "--version=v2-alpha-tpuv5-lite"]
     assert calls[1] == [*TPU_VM, "describe", "pod", *where, "--format=value(networkEndpoints.len())"]
-    scp = calls[2]
+    scp = calls[3]
     assert scp[:4] == [*TPU_VM, "scp"] and scp[5:] == ["pod:tpu_run_code.tar.gz", *where, "--worker=all"]
     assert not Path(scp[4]).exists(), "the local archive is deleted afterwards"
-    for call in calls[3:5]:  # unpack, then install, on all workers at once
+    for call in (calls[2], *calls[4:6]):  # no job running?, unpack, install: on all workers at once
         assert call[:5] == [*TPU_VM, "ssh", "pod"] and call[5:8] == [*where, "--worker=all"]
         assert call[8].startswith("--command=") and len(call) == 9
-    assert "tar -xzf" in calls[3][8] and "pip install" in calls[4][8]
-    runs = calls[5:]  # then one ssh per worker, started together (so in any order)
+    assert "tpu_run-running" in calls[2][8] and "tar -xzf" in calls[4][8] and "pip install" in calls[5][8]
+    runs = calls[6:]  # then one ssh per worker, started together (so in any order)
     assert sorted(c[7] for c in runs) == ["--worker=0", "--worker=1", "--worker=2"]
     for call in runs:
         assert call[:7] == [*TPU_VM, "ssh", "pod", *where] and call[8].startswith("--command=")
@@ -336,7 +344,7 @@ def test_without_create_or_project_and_with_a_given_worker_count(fake):
                       "--", *_user_command("x"), workers=2)
     assert result.returncode == 0, result.stderr
     verbs = [c[3] for c in fake.calls()]
-    assert verbs == ["scp", "ssh", "ssh", "ssh", "ssh"]  # no create, no describe
+    assert verbs == ["ssh", "scp", "ssh", "ssh", "ssh", "ssh"]  # no create, no describe
     assert all("--zone=z" in c and not any(a.startswith("--project") for a in c) for c in fake.calls())
     assert fake.received(1)["argv"] == ["x"]
 
@@ -348,7 +356,7 @@ def test_skip_copy_and_install_reuse_what_the_workers_have(fake):
     result = fake.run("--tpu", "t", "--zone", "z", "--skip-copy", "--skip-install", "--log-dir", str(fake.logs),
                       "--", *_user_command())
     assert result.returncode == 0, result.stderr
-    assert [c[3] for c in fake.calls()] == ["describe", "ssh", "ssh"]
+    assert [c[3] for c in fake.calls()] == ["describe", "ssh", "ssh", "ssh"]  # check, 2 workers
     assert (fake.home(1) / "mirasol3b" / "pkg" / "model.py").read_text() == "VERSION = 2\n"
 
 
@@ -357,8 +365,8 @@ def test_git_ref_clones_the_ref_on_every_worker(fake):
                       "--remote-dir", "src/m3b", "--log-dir", str(fake.logs), "--", *_user_command("ok"))
     assert result.returncode == 0, result.stderr
     calls = fake.calls()
-    assert [c[3] for c in calls] == ["describe", "ssh", "ssh", "ssh", "ssh"]  # no scp
-    assert calls[1][6] == "--worker=all" and "git clone" in calls[1][7]
+    assert [c[3] for c in calls] == ["describe", "ssh", "ssh", "ssh", "ssh", "ssh"]  # no scp
+    assert calls[2][6] == "--worker=all" and "git clone" in calls[2][7]
     for i in range(2):
         code = fake.home(i) / "src" / "m3b"
         assert (code / "pkg" / "model.py").read_text() == "VERSION = 1\n"  # the tag, not the working tree
@@ -390,7 +398,7 @@ def test_a_failing_setup_step_stops_before_the_run(fake):
     _write_program(fake.bin / "python3.11", "import sys; sys.exit('no venv today')")
     result = fake.run("--tpu", "t", "--zone", "z", "--log-dir", str(fake.logs), "--", *_user_command())
     assert result.returncode != 0
-    assert [c[3] for c in fake.calls()] == ["describe", "scp", "ssh", "ssh"]  # no run
+    assert [c[3] for c in fake.calls()] == ["describe", "ssh", "scp", "ssh", "ssh"]  # no run
     assert "no venv today" in result.stderr
 
 
@@ -444,12 +452,13 @@ def test_dry_run_output_is_the_real_run(fake):
     assert real.returncode == 0, real.stderr
     executed = fake.calls()
 
-    def normal(calls):  # the archive's temporary path differs; the workers start in any order
+    def normal(calls):  # the archive's path and the launch's id differ; the workers start in any order
+        calls = [[re.sub(r"\b\d{8}-\d{6}-\d+-\d+\b", "LAUNCH_ID", a) for a in c] for c in calls]
         calls = [[a if not a.endswith("/tpu_run_code.tar.gz") else "ARCHIVE" for a in c] for c in calls]
         return calls[:-3] + sorted(calls[-3:])
 
     assert normal(printed) == normal(executed)
-    assert len(executed) == 7  # create, scp, unpack, install, 3 workers
+    assert len(executed) == 8  # create, no job running?, scp, unpack, install, 3 workers
     assert fake.received(2)["argv"] == TRICKY_ARGS
 
 
@@ -457,13 +466,14 @@ def test_dry_run_lines_are_shell_words(fake):
     dry = fake.run("--dry-run", "--tpu", "t", "--zone", "z", "--num-workers", "1", "--skip-copy", "--skip-install",
                    "--log-dir", str(fake.logs), "--", "echo", "a b", "it's")
     # The one command (its remote script spans lines) between the comment and `wait`.
-    command = dry.stdout[dry.stdout.index("\ngcloud") + 1:dry.stdout.rindex("\nwait")]
+    command = dry.stdout[dry.stdout.index("\ngcloud", dry.stdout.index("# on all")) + 1:dry.stdout.rindex("\nwait")]
     words = shlex.split(command)
     assert words[:8] == ["gcloud", *TPU_VM, "ssh", "t", "--zone=z", "--worker=0"]
     assert words[8].startswith("--command=")
     remote = shlex.split(words[8][len("--command="):])
     assert remote[:2] == ["bash", "-c"] and remote[3:5] == ["tpu_run", "tpu_run_logs/logs"]
-    assert remote[5:] == ["cd && . mirasol3b-venv/bin/activate && cd mirasol3b && echo 'a b' 'it'\\''s'"]
+    assert re.fullmatch(r"\d{8}-\d{6}-\d+-\d+", remote[5])  # this launch's id
+    assert remote[6:] == ["cd && . mirasol3b-venv/bin/activate && cd mirasol3b && echo 'a b' 'it'\\''s'"]
     assert words[9:] == [f">{fake.logs}/worker-0.log", "2>&1", "&"]
 
 
@@ -488,12 +498,20 @@ def test_dry_run_lines_are_shell_words(fake):
     (["--tpu", "t", "--zone", "z", "--attach", "j", "--", "x"], "--attach follows a job already started"),
     (["--tpu", "t", "--zone", "z", "--attach", "j", "--env", "A=1"], "--attach takes none of"),
     (["--tpu", "t", "--zone", "z", "--attach", "../j"], "--attach wants a job name"),
+    (["--tpu", "t", "--zone", "z", "--", "python", "-m", "m", "--workdir=runs/x"], "--workdir 'runs/x' in the command"),
+    (["--tpu", "t", "--zone", "z", "--", "python", "--workdir", "~/x"], "--workdir '~/x' in the command is relative"),
 ])
 def test_usage_errors_exit_2(fake, args, message):
     result = fake.run(*args)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr
     assert fake.calls() == []
+
+
+def test_a_workdir_that_outlives_the_code_is_accepted(fake):
+    for workdir in ("--workdir=gs://b/runs/x", "--workdir=/mnt/shared/x"):
+        result = fake.run("--dry-run", "--tpu=t", "--zone=z", "--num-workers=1", "--", "python", workdir)
+        assert result.returncode == 0, result.stderr
 
 
 def test_options_also_take_equals_and_help_exits_0(fake):
@@ -544,6 +562,52 @@ def test_a_lost_connection_leaves_the_job_running_and_attach_follows_it(fake):
     assert [c[3] for c in fake.calls()] == ["describe", "ssh"]  # no copy, no install
 
 
+def test_a_retried_ssh_follows_the_job_it_started_instead_of_starting_it_again(fake):
+    # gcloud runs a tpu-vm ssh command again when ssh exits 255 (a dropped connection).
+    for sleep, retry_after in (("3", "0.5"), ("0.5", "2")):  # the job still runs at the retry; it ended
+        result = fake.run("--tpu", "t", "--zone", "z", "--log-dir", str(fake.logs), "--", sys.executable, "-c",
+                          SLOW, workers=1, SLEEP=sleep, FAKE_GCLOUD_DROP_AFTER="1", FAKE_GCLOUD_RETRY_AFTER=retry_after)
+        assert result.returncode == 7, result.stderr  # the job's own status
+        assert (fake.home(0) / "starts").read_text() == "start\n"  # it ran once
+        assert "started by this launch already; following it" in result.stdout  # worker 0's output
+        assert result.stdout.endswith("started\nfinished\n")
+        (fake.home(0) / "starts").unlink()
+
+
+def test_a_new_launch_refuses_while_a_job_runs_and_leaves_its_code(fake):
+    first = fake.run("--tpu", "t", "--zone", "z", "--log-dir", str(fake.tmp / "first"), "--", sys.executable, "-c",
+                     SLOW, workers=2, SLEEP="60", FAKE_GCLOUD_DROP_AFTER="1")
+    assert first.returncode == 255  # the connection went; the job goes on
+    job = fake.home(1) / "tpu_run_logs" / "first"
+    try:
+        (fake.repo / "pkg" / "model.py").write_text("VERSION = 3\n")
+        fake.calls_file.unlink()
+        second = fake.run("--tpu", "t", "--zone", "z", "--", *_user_command(), workers=2)  # another job name
+        assert second.returncode == 1
+        assert "job first is still running on" in second.stderr
+        assert [c[3] for c in fake.calls()] == ["describe", "ssh"]  # no copy, no install, no start
+        assert (fake.home(1) / "mirasol3b" / "pkg" / "model.py").read_text() == "VERSION = 2\n"
+        assert "--attach first" in _printed_after(second.stderr, "Follow it:")
+        stop = fake.shell(_printed_after(second.stderr, "or stop it, then launch again:"))
+        assert stop.returncode == 0, stop.stderr
+        _wait_for(job / "exit_status")
+        # A pid file left by a job that died without a status (a reboot) whose pid now belongs to
+        # another process does not count as a running job.
+        (job / "exit_status").unlink()
+        (job / "pid").write_text(f"{os.getpid()}\n")
+        third = fake.run("--tpu", "t", "--zone", "z", "--", *_user_command(), workers=2)
+        assert third.returncode == 0, third.stderr
+        assert (fake.home(1) / "mirasol3b" / "pkg" / "model.py").read_text() == "VERSION = 3\n"
+    finally:
+        for i in range(2):
+            pid_file = fake.home(i) / "tpu_run_logs" / "first" / "pid"
+            if pid_file.exists() and int(pid_file.read_text()) != os.getpid():
+                try:
+                    os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 def test_ctrl_c_leaves_the_job_running_and_says_how_to_stop_it(fake):
     script = fake.repo / "launch" / "tpu_run.sh"
     proc = subprocess.Popen(["bash", str(script), "--tpu", "t", "--zone", "z", "--log-dir", str(fake.logs),
@@ -566,10 +630,12 @@ def test_ctrl_c_leaves_the_job_running_and_says_how_to_stop_it(fake):
         for job in jobs:  # still running
             assert not (job / "exit_status").exists()
             os.kill(int((job / "pid").read_text()), 0)
-        # A new run under the same job name refuses while the job runs.
+        # A new run under the same job name refuses while the job runs, before touching anything.
+        fake.calls_file.unlink()
         second = fake.run("--tpu", "t", "--zone", "z", "--skip-copy", "--skip-install",
                           "--log-dir", str(fake.logs), "--", "true")
-        assert second.returncode == 1 and "still running" in (fake.logs / "worker-1.log").read_text()
+        assert second.returncode == 1 and "job logs is still running" in second.stderr
+        assert [c[3] for c in fake.calls()] == ["describe", "ssh"]
         # The printed stop command stops it on every worker, and the status is still recorded.
         stop = fake.shell(_printed_after(stderr, "stop it:"))
         assert stop.returncode == 0, stop.stderr

@@ -608,6 +608,8 @@ BAD_CONFIGS = {
     "unknown_attention_impl": (_set("model.attention_impl", "flash"), "model.attention_impl"),
     "cudnn_attention_in_float32": (_set("model.attention_impl", "cudnn"), "model.attention_impl"),  # tiny is f32
     "per_modality_readout_with_ttm": (_set("model.combiner", "ttm"), "model.combiner_readout"),  # tiny: per_modality
+    # tiny warms up for 100 steps: a 100-step run would leave the cosine decay no step (optax refuses).
+    "all_warmup": (_set("train.num_steps", 100), "train.warmup_steps"),
 }
 
 

@@ -256,5 +256,44 @@ def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path
           f"losses {losses}, {time.time() - start:.1f}s")
 
 
+def _check_shared(directory: str, num_processes: int, process_id: int, port: int) -> None:
+    distributed.maybe_initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                                 process_id=process_id, heartbeat_timeout_seconds=20, shutdown_timeout_seconds=30)
+    try:
+        distributed.check_shared_directory(directory, "the workdir")
+    except distributed.NotSharedError as e:
+        print(e, flush=True)
+        sys.exit(3)
+    print("shared", flush=True)
+
+
+def test_a_workdir_the_processes_do_not_share_is_refused_by_each(tmp_path):
+    """A relative workdir on hosts with their own disks: Orbax's multi-host save would hang."""
+    for name, dirs in (("shared", ["shared", "shared"]), ("own", ["host0", "host1"])):
+        port, children = _free_port(), []
+        for p, d in enumerate(dirs):
+            children.append(subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "check-shared", str(tmp_path / d), "2", str(p), str(port)],
+                cwd=ROOT, env=_child_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        try:
+            outputs = [c.communicate(timeout=120)[0] for c in children]
+        finally:
+            for c in children:
+                if c.poll() is None:
+                    c.kill()
+        codes = [c.returncode for c in children]
+        if name == "shared":
+            assert codes == [0, 0], outputs
+            assert all("\nshared\n" in out for out in outputs), outputs
+            assert os.listdir(tmp_path / "shared") == [], "process 0 removes its marker"
+        else:
+            assert codes == [3, 3], outputs  # every process stops, none waits for the others
+            assert all("do not see the file process 0 wrote" in out and "process(es) [1]" in out
+                       for out in outputs), outputs
+
+
 if __name__ == "__main__":
-    _run(sys.argv[1], *map(int, sys.argv[2:]))
+    if sys.argv[1] == "check-shared":
+        _check_shared(sys.argv[2], *map(int, sys.argv[3:]))
+    else:
+        _run(sys.argv[1], *map(int, sys.argv[2:]))

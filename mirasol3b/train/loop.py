@@ -218,6 +218,9 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
     """
     configlib.validate(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    from mirasol3b import distributed  # here: it defines command-line flags, a library should not
+
+    distributed.check_shared_directory(workdir, "the workdir")
     try:
         mesh = sharding.make_mesh(config.mesh_shape)
     except ValueError as e:

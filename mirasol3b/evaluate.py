@@ -188,8 +188,20 @@ def evaluate(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh 
     """
     split = split or config.eval.split
     max_batches = config.eval.max_batches if max_batches is None else max_batches
+    decode = decode or decode_config(config)
     metrics = score(predict(config, params, mesh, split=split, max_batches=max_batches, decode=decode))
-    return {"split": split, **({"max_batches": max_batches} if max_batches else {}), **metrics}
+    return {"split": split, **({"max_batches": max_batches} if max_batches else {}),
+            "decode": decode_settings(decode, config.seed), **metrics}
+
+
+def decode_settings(decode: decoding.DecodeConfig, seed: int) -> dict:
+    """What an evaluation's answers were generated with: the method and the knobs it reads."""
+    out = {"method": decode.method, "max_new_tokens": decode.max_new_tokens}
+    if decode.method == "beam":
+        out.update(beam_size=decode.beam_size, length_penalty=decode.length_penalty)
+    elif decode.method == "sample":
+        out.update(temperature=decode.temperature, top_k=decode.top_k, top_p=decode.top_p, seed=seed)
+    return out
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -253,11 +265,13 @@ def check_config_matches_checkpoint(config: ml_collections.ConfigDict, workdir: 
 
 
 def write_metrics(workdir: epath.PathLike, metrics: dict) -> epath.Path:
-    """`metrics` (with its `step` and `split`) as one JSON line in `workdir/eval_<split>_step<N>.json`,
-    or `..._step<N>_first<K>batches.json` for a partial evaluation (`max_batches` K), which thus
-    never replaces the whole split's."""
+    """`metrics` (with its `step` and `split`) as one JSON line in `workdir/eval_<split>_step<N>.json`;
+    answers generated otherwise than greedily add `_beam<K>` or `_sample` to the name, and a
+    partial evaluation (`max_batches` K) `_first<K>batches`, so neither replaces training's own."""
+    decode = metrics.get("decode") or {}
+    how = {"beam": f"_beam{decode.get('beam_size')}", "sample": "_sample"}.get(decode.get("method"), "")
     partial = f"_first{metrics['max_batches']}batches" if metrics.get("max_batches") else ""
-    path = epath.Path(workdir) / f"eval_{metrics['split']}_step{metrics['step']}{partial}.json"
+    path = epath.Path(workdir) / f"eval_{metrics['split']}_step{metrics['step']}{how}{partial}.json"
     path.write_text(json.dumps(metrics) + "\n")
     return path
 

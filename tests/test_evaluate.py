@@ -3,6 +3,7 @@ metadata lining up with rows, a checkpoint restored and used end to end, and cle
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from flax import linen as nn
 from configs import tiny
 from data import encode, pipeline, tasks
 from mirasol3b import answer as answer_lib
-from mirasol3b import configlib, evaluate, sharding
+from mirasol3b import configlib, decoding, evaluate, sharding
 from mirasol3b.model import Mirasol3B, samples_per_snippet
 from mirasol3b.train import checkpoints
 from mirasol3b.train.optimizer import make_optimizer
@@ -222,6 +223,15 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
     assert metrics["num_examples"] == 2 and 0 <= metrics["exact_match"] <= 1
     written = evaluate.write_metrics(str(tmp_path), {"step": 5, **metrics})  # beside, not over, the whole split's
     assert written.name == "eval_validation_step5_first2batches.json" and metrics["max_batches"] == 2
+    assert metrics["decode"] == {"method": "greedy", "max_new_tokens": restored_config.eval.max_new_tokens}
+    # Answers decoded otherwise say how, and do not replace the greedy ones of the same step.
+    beam = evaluate.decode_settings(decoding.DecodeConfig(method="beam", beam_size=3), seed=0)
+    assert beam == {"method": "beam", "max_new_tokens": 32, "beam_size": 3, "length_penalty": 0.0}
+    sample = evaluate.decode_settings(decoding.DecodeConfig(method="sample", top_k=5), seed=7)
+    assert sample["seed"] == 7 and sample["top_k"] == 5
+    for decode, name in ((beam, "eval_validation_step5_beam3.json"), (sample, "eval_validation_step5_sample.json")):
+        written = evaluate.write_metrics(str(tmp_path), {"step": 5, "split": "validation", "decode": decode})
+        assert written.name == name and json.loads(written.read_text())["decode"] == decode
     assert all(isinstance(s["prediction"], str) for s in metrics["samples"])
 
     clip = str(tmp_path / "clip.mp4")

@@ -99,6 +99,25 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     assert "resumed from step 6" in capsys.readouterr().out
     cfg.data.reset_position = False
 
+    # Fine-tuning from it under another model config names the fields too (allowing the param
+    # differences of a scan_layers change would load almost nothing) ...
+    tune = _config(2)
+    tune.init_from = workdir
+    tune.model.scan_layers = not cfg.model.scan_layers
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)init_from: this config differs from .* in fields "
+                       rf"that define the model:\n  config\.model\.scan_layers: {tune.model.scan_layers} here.*"
+                       r"init_from_allow"):
+        loop.train(tune, str(tmp_path / "tune"), data_iter=RandomBatches(tune, tune.data.batch_size))
+    # ... and says so when the params fit all the same (a vocabulary's table is padded to 128 rows).
+    tune = _config(2)
+    tune.init_from = workdir
+    tune.model.vocab_size = cfg.model.vocab_size + 20
+    loop.train(tune, str(tmp_path / "tune"), data_iter=RandomBatches(tune, tune.data.batch_size))
+    out = capsys.readouterr().out
+    assert f"params initialised from {workdir}" in out
+    assert (f"note: this config differs from init_from's in fields that define the model:\n  config.model.vocab_size: "
+            f"{tune.model.vocab_size} here, {cfg.model.vocab_size} in the checkpoint") in out
+
     # The run died during its final evaluation: a rerun evaluates the last step, once.
     calls = []
 

@@ -183,12 +183,32 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
         state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(config.seed))
     if config.init_from:
         allow = config.init_from_allow
-        params = ckpt.load_params_for_finetuning(
-            config.init_from, abstract.params, fresh_params=state.params, allow_missing=allow.missing,
-            allow_unexpected=allow.unexpected, allow_shape_mismatch=allow.shape_mismatch)
+        differ = _source_differences(config)
+        try:
+            params = ckpt.load_params_for_finetuning(
+                config.init_from, abstract.params, fresh_params=state.params, allow_missing=allow.missing,
+                allow_unexpected=allow.unexpected, allow_shape_mismatch=allow.shape_mismatch)
+        except ckpt.CheckpointMismatchError as e:
+            if not differ:
+                raise
+            # Allowing the param differences of, say, a scan_layers change would load almost nothing.
+            raise ckpt.CheckpointMismatchError(
+                f"init_from: this config differs from {config.init_from}'s in fields that define the model:"
+                + "".join(f"\n  {d}" for d in differ) + "\nIf that is meant, config.init_from_allow decides "
+                "what happens to the params that then do not fit (they start fresh):\n" + str(e)) from e
         state = state.replace(params=params)
         print(f"params initialised from {config.init_from}", flush=True)
+        if differ:  # params that still fit load as they are, e.g. a vocabulary's padded table
+            print("note: this config differs from init_from's in fields that define the model:"
+                  + "".join(f"\n  {d}" for d in differ), flush=True)
     return state, shardings, 0
+
+
+def _source_differences(config: ml_collections.ConfigDict) -> list[str]:
+    """`configlib.model_differences` between `config` and the config saved with init_from's run."""
+    found = ckpt.latest_saved_config(config.init_from, what="init_from")
+    saved = found[1] if found else None
+    return configlib.model_differences(config, saved) if saved else []
 
 
 def _note_schedule_change(config: ml_collections.ConfigDict, saved: dict | None, step: int) -> None:

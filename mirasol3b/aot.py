@@ -65,6 +65,10 @@ _ACCELERATOR_TYPES = {"v5p": ("v5p", 2, 3), "v5litepod": ("v5e", 1, 2), "v5e": (
 # The libtpu topology names tried here: v5p slices are 3-D, v5e/v6e 2-D. (libtpu's v4 names give a
 # device per TensorCore, not per chip, so v4 is left out.)
 _TOPOLOGY = re.compile(r"^(v5p|v5e|v6e):(\d+(?:x\d+)*)$")
+# The largest single slice of each family (public Cloud TPU specs); libtpu aborts the process
+# (a failed CHECK, no exception) on a larger one.
+_MAX_CHIPS = {"v5p": 8960, "v5e": 256, "v6e": 256}
+_MAX_DIM_2D = 16  # v5e and v6e slices are at most 16x16
 
 
 class AotError(ValueError):
@@ -89,19 +93,38 @@ def parse_topology(name: str) -> tuple[str, int, str]:
     match = _TOPOLOGY.match(name)
     if match:
         family, shape = match.group(1), tuple(int(d) for d in match.group(2).split("x"))
+        ndim = 3 if family == "v5p" else 2
+        if len(shape) != ndim or min(shape) < 1:
+            raise AotError(f"topology {name!r}: {family} slices have {ndim} dimensions of at least 1, e.g. "
+                           + ("v5p:4x4x4" if ndim == 3 else f"{family}:16x16"))
+        _check_size(name, family, shape)
         chips = math.prod(shape)
         per_chip = 2 if family == "v5p" else 1
         prefix = {"v5e": "v5litepod"}.get(family, family)
         return name, chips, f"{prefix}-{chips * per_chip}"
     prefix, _, count = name.rpartition("-")
     if prefix not in _ACCELERATOR_TYPES or not count.isdigit():
-        raise AotError(f"topology {name!r}: expected e.g. v5p:4x4x4, v5e:16x16, v5p-128, v5litepod-256")
+        unsupported = " (v4 is not supported: libtpu's v4 names give a device per TensorCore)" if (
+            name.startswith("v4")) else ""
+        raise AotError(f"topology {name!r}: expected a v5p, v5e or v6e slice, e.g. v5p:4x4x4, v5e:16x16, v5p-128, "
+                       f"v5litepod-256{unsupported}")
     family, cores_per_chip, ndim = _ACCELERATOR_TYPES[prefix]
     if int(count) % cores_per_chip:
         raise AotError(f"topology {name!r}: {prefix} counts {cores_per_chip} TensorCores a chip")
     chips = int(count) // cores_per_chip
+    if chips > _MAX_CHIPS[family]:
+        raise AotError(f"topology {name!r}: {chips} chips, but a {family} slice has at most {_MAX_CHIPS[family]}")
     shape = _slice_shape(chips, ndim)
+    _check_size(name, family, shape)
     return f"{family}:{'x'.join(map(str, shape))}", chips, f"{'v5litepod' if family == 'v5e' else prefix}-{count}"
+
+
+def _check_size(name: str, family: str, shape: tuple[int, ...]) -> None:
+    if math.prod(shape) > _MAX_CHIPS[family]:
+        raise AotError(f"topology {name!r}: {math.prod(shape)} chips, but a {family} slice has at most "
+                       f"{_MAX_CHIPS[family]}")
+    if len(shape) == 2 and max(shape) > _MAX_DIM_2D:
+        raise AotError(f"topology {name!r}: a {family} slice is at most {_MAX_DIM_2D}x{_MAX_DIM_2D} chips")
 
 
 def libtpu_version() -> str | None:

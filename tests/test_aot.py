@@ -72,6 +72,12 @@ def test_parse_topology():
     for bad in ("v5p", "v5p-127", "v5p-96", "tpu:2x2", "v4:2x2x2", "v5e-2x2"):
         with pytest.raises(aot.AotError):
             aot.parse_topology(bad)
+    # What libtpu would abort the process on (a failed CHECK), refused with the reason instead.
+    for bad, reason in (("v5litepod-1024", "at most 256"), ("v5e:64x64", "at most 256"), ("v6e:32x2", "16x16"),
+                        ("v5p:4x4", "3 dimensions"), ("v5e:4x4x1", "2 dimensions"), ("v5p-32768", "at most 8960"),
+                        ("v4-32", "v4 is not supported")):
+        with pytest.raises(aot.AotError, match=reason):
+            aot.parse_topology(bad)
 
 
 def test_config_errors_fail_before_compiling():

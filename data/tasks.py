@@ -35,7 +35,7 @@ DEFAULT_SHUFFLE_BUFFER = 256
 SYNTHETIC_AVQA_VERSION = "1.1.0"
 SYNTHETIC_AVQA_CONFIGS = ("tiny", "tiny_smoke")
 LOCAL_MEDIA_VERSION = "1.0.0"
-LOCAL_MEDIA_GEOMETRIES = ("tiny", "base")
+LOCAL_MEDIA_GEOMETRIES = ("tiny", "base", "long")
 # The builder's config names (a test checks them): the manifest configs mix kinds of example, so
 # they also get one task per kind; the public formats hold one kind each.
 LOCAL_MEDIA_MANIFEST_CONFIGS = tuple(g + s for g in LOCAL_MEDIA_GEOMETRIES for s in ("", "_silence"))

@@ -290,10 +290,11 @@ def test_missing_manifest_names_the_expected_path(tmp_path):
 
 
 def test_presets_match_the_model_configs():
+    import configs.long_video
     import configs.mirasol3b
     import configs.tiny
 
-    for preset, module in (("tiny", configs.tiny), ("base", configs.mirasol3b)):
+    for preset, module in (("tiny", configs.tiny), ("base", configs.mirasol3b), ("long", configs.long_video)):
         expected = MediaSpec.from_config(module.get_config())
         assert MediaSpec(**local_media.GEOMETRIES[preset]) == expected
         assert local_media.Builder.builder_configs[preset].spec == expected

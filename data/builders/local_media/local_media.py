@@ -23,11 +23,12 @@ from data.builders import FileCodePath
 from data.builders.report import BuildReport, SkipExample
 from data.spec import MediaSpec, example_features
 
-# Media geometry presets, equal to what configs/tiny.py and configs/mirasol3b.py ask for (a test keeps
-# them equal); literal here because `tfds build` may run where `configs` is not importable.
+# Media geometry presets, equal to what configs/tiny.py, configs/mirasol3b.py and configs/long_video.py
+# ask for (a test keeps them equal); literal here because `tfds build` may run where `configs` is not importable.
 GEOMETRIES = {
     "tiny": dict(fps=8.0, num_frames=8, snippet_frames=2, image_size=32, sample_rate=16_000),
     "base": dict(fps=6.25, num_frames=128, snippet_frames=16, image_size=224, sample_rate=16_000),
+    "long": dict(fps=6.25, num_frames=512, snippet_frames=16, image_size=224, sample_rate=16_000),
 }
 SOURCES = ("manifest", "msrvtt_qa", "activitynet_qa", "nextqa", "vggsound", "kinetics_sound")
 VIDEO_DIR = "videos"  # where the public formats' videos are, inside the manual dir

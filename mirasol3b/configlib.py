@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Any
 
 import ml_collections
-from absl import app
+from absl import app, flags
 from etils import epath
 
 from mirasol3b.layers.spec import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, fused_attention_fits
@@ -38,7 +38,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     of a field the config lacks (`--config.modle.dtype=...`) is one line naming it instead of a
     traceback from inside ml_collections (which raises AttributeError or KeyError there)."""
     try:
-        return app.parse_flags_with_usage(argv)
+        rest = app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         reason = e
@@ -47,6 +47,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         text = str(reason.args[0] if reason.args else reason).replace("\n", "; ")
         sys.exit(f"FATAL Flags parsing error: a --config override names a field the config does not have: "
                  f"{text} (overrides given: {', '.join(overrides)})")
+    # A config file that could not be loaded (a wrong path, a bad `:variant` name) is a value
+    # that raises on first use, a traceback from deep inside the program: say it here instead.
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config is not None:
+        try:
+            getattr(config, "keys")
+        except OSError as e:
+            sys.exit(f"FATAL Flags parsing error: --config: {e.__cause__ or e}")
+    return rest
 
 
 def import_task_modules(config: ml_collections.ConfigDict) -> None:

@@ -655,6 +655,10 @@ def test_an_override_of_a_field_the_config_lacks_is_one_line_naming_it():
                              "--config.train.num_step=3"], cwd=root, capture_output=True, text=True, timeout=120)
     assert nested.returncode == 1 and "Traceback" not in nested.stderr, nested.stderr[-2000:]
     assert """: 'num_step'; Did you mean "num_steps" instead""" in nested.stderr, nested.stderr[-2000:]  # not a repr
+    missing = subprocess.run([sys.executable, "-m", "mirasol3b.summary", "--config=configs/tinny.py"],
+                             cwd=root, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    assert "--config: Failed loading config file" in missing.stderr and "No such file" in missing.stderr
 
 
 def _leaf_paths(cfg, prefix=""):

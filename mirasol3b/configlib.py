@@ -387,13 +387,14 @@ HOW_NOT_WHAT = frozenset({"model.dtype", "model.param_dtype", "model.remat_polic
                           "model.modality_dropout"})
 
 
-def model_differences(config: ml_collections.ConfigDict, saved: dict) -> list[str]:
+def model_differences(config: ml_collections.ConfigDict, saved: dict, also: frozenset = frozenset()) -> list[str]:
     """`config.FIELD: VALUE here, VALUE in the checkpoint` for each field that defines the trained
-    model (`model.*` but `HOW_NOT_WHAT`, and `data.vocab_path`) where `config` and the checkpoint's
-    saved config (a dict) differ."""
+    model (`model.*` but `HOW_NOT_WHAT`, and `data.vocab_path`; plus the fields in `also`) where
+    `config` and the checkpoint's saved config (a dict) differ."""
     here, differ = dict(leaves(config)), []
     for field, value in leaves(from_saved(saved)):
-        if not (field.startswith("model.") or field == "data.vocab_path") or field in HOW_NOT_WHAT:
+        if field not in also and (not (field.startswith("model.") or field == "data.vocab_path")
+                                  or field in HOW_NOT_WHAT):
             continue
         ours = here.get(field)
         if ours != value and not (field == "data.vocab_path" and _same_file(ours, value)):

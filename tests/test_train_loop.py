@@ -64,6 +64,13 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
                        rf"with .*config\.model\.scan_layers: {other.model.scan_layers} here, "
                        rf"{cfg.model.scan_layers} in the checkpoint.*does not fit"):
         loop.train(other, workdir, data_iter=RandomBatches(other, other.data.batch_size))
+    # Another param dtype: every param and both Adam moments mismatch; the field says why, and the
+    # paths are cut short.
+    other = _config(6)
+    other.model.param_dtype = "bfloat16"
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)config\.model\.param_dtype: 'bfloat16' here, "
+                       r"'float32' in the checkpoint.*shape or dtype mismatch: \d+\n(    .*\n){25}    \.\.\. and \d+ more"):
+        loop.train(other, workdir, data_iter=RandomBatches(other, other.data.batch_size))
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:  # a run that died after logging step 6
         f.write(json.dumps({"step": 6, "split": "train", "loss": 1.0}) + '\n{"step": 8, "spl')  # ...while writing
     cfg = _config(6)

@@ -237,6 +237,9 @@ def compare_trees(checkpoint: dict[str, Any], model: dict[str, Any]):
     return missing, unexpected, mismatched
 
 
+MISMATCH_LINES = 25  # paths listed per kind of mismatch (a dtype change mismatches hundreds)
+
+
 def _mismatch_message(what: str, missing, unexpected, mismatched) -> str:
     lines = [what]
     for title, items in (("missing from the checkpoint (in the model only)", missing),
@@ -244,7 +247,9 @@ def _mismatch_message(what: str, missing, unexpected, mismatched) -> str:
                          ("shape or dtype mismatch", mismatched)):
         if items:
             lines.append(f"  {title}: {len(items)}")
-            lines += [f"    {p}" for p in items]
+            lines += [f"    {p}" for p in items[:MISMATCH_LINES]]
+            if len(items) > MISMATCH_LINES:
+                lines.append(f"    ... and {len(items) - MISMATCH_LINES} more")
     return "\n".join(lines)
 
 

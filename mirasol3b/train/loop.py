@@ -151,7 +151,8 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
     except ckpt.CheckpointMismatchError as e:
         latest = checkpointer.latest_step()
         saved = checkpointer.saved_config(latest) if latest is not None else None
-        differ = configlib.model_differences(config, saved) if saved else []
+        # Resuming restores the optimizer state too, whose dtypes are the params'.
+        differ = configlib.model_differences(config, saved, also=frozenset({"model.param_dtype"})) if saved else []
         if not differ:
             raise
         # The config says why in a line; the param paths (hundreds for a scan_layers change) follow.

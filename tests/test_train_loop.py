@@ -153,6 +153,17 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
         loop.train(_config(8), workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
 
 
+def test_a_contrastive_loss_without_negatives_is_noted():
+    cfg = _config(2)
+    cfg.loss.update(latent_loss="contrastive", latent_negatives="examples")
+    assert loop.config_notes(cfg) == []
+    cfg.data.batch_size = 1
+    (note,) = loop.config_notes(cfg)
+    assert "no negatives, so it is 0" in note
+    cfg.loss.latent_negatives = "snippets"
+    assert loop.config_notes(cfg) == []
+
+
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "run")
     cfg = _config(8)

@@ -228,6 +228,17 @@ def _note_schedule_change(config: ml_collections.ConfigDict, saved: dict | None,
           flush=True)
 
 
+def config_notes(config: ml_collections.ConfigDict) -> list[str]:
+    """Valid settings that train less than they seem to (printed at the start of a run)."""
+    loss, notes = config.loss, []
+    if (config.data.batch_size == 1 and loss.latent_loss == "contrastive" and loss.latent_negatives == "examples"
+            and loss.latent_loss_weight > 0):
+        notes.append("loss.latent_negatives='examples' with data.batch_size 1: the contrastive latent loss has "
+                     "no negatives, so it is 0 and trains nothing; loss.latent_negatives='snippets' takes them "
+                     "from the clip's other snippets")
+    return notes
+
+
 def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_iter: Iterator | None = None,
           evaluate_fn=None) -> dict:
     """Trains to `config.train.num_steps`, resuming from `workdir` if it holds a checkpoint.
@@ -238,6 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
     end. Returns the last logged train metrics.
     """
     configlib.validate(config)
+    for note in config_notes(config):
+        print(f"note: {note}", flush=True)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     from mirasol3b import distributed  # here: it defines command-line flags, a library should not
 

@@ -400,10 +400,12 @@ if [[ -z $attach ]]; then
     echo "# stop if any of these lines says tpu_run-running (a job still runs on a worker):"
     run "${check[@]}"
   else
+    say "asking the workers whether a job of this script still runs there"
     if ! check_output=$("${check[@]}"); then
       die "could not ask the workers of $tpu whether a job still runs (the ssh failed; see above)"
     fi
-    running=$(grep '^tpu_run-running ' <<<"$check_output" || true)
+    # Not anchored: gcloud may prefix a worker's lines.
+    running=$(grep -o 'tpu_run-running .*' <<<"$check_output" || true)
     if [[ -n $running ]]; then
       while read -r _ name pid host; do
         say "job $name is still running on $host (pid $pid)"

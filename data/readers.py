@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ MANIFEST_FIELDS = ("video", "question", "answer", "question_type", "caption", "l
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]*")
 # The public releases' split names -> TFDS's.
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "validate": "validation"}
+STANDARD_SPLITS = ("train", "validation", "test")
 # ActivityNet-QA's answer "type" codes (dataset/README.md of MILVLG/activitynet-qa).
 ACTIVITYNET_QA_TYPES = {0: "motion", 1: "spatial_relation", 2: "temporal_relation", 3: "yes_no", 4: "color",
                         5: "object", 6: "location", 7: "number", 8: "other"}
@@ -87,6 +89,9 @@ def check_record(record: Any) -> Record | BadRow:
             raise ValueError(f"'video' must be a non-empty string, got {record.get('video')!r}")
         if "split" in record and split is None:
             raise ValueError(f"'split' must be a lowercase name like 'train', got {record['split']!r}")
+        typo = split and split not in STANDARD_SPLITS and difflib.get_close_matches(split, STANDARD_SPLITS, 1, 0.75)
+        if typo:  # other names are allowed (each its own split), but not one a letter off a standard one
+            raise ValueError(f"'split' {split!r} looks like a misspelling of {typo[0]!r}")
         start = record.get("start", 0.0)
         if isinstance(start, bool) or not isinstance(start, (int, float)) or not start >= 0:
             raise ValueError(f"'start' must be a number of seconds >= 0, got {start!r}")

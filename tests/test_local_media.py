@@ -227,16 +227,26 @@ def test_failed_builds_leave_no_dataset_and_a_rebuild_starts_a_fresh_report(medi
     assert [(r["file"], r["reason"]) for r in _report(builder)] == [("clips/missing.mp4", "not_found")]
 
 
+def test_a_split_name_a_letter_off_a_standard_one_is_a_bad_line():
+    from data import readers
+
+    for typo, meant in (("valdiation", "validation"), ("trian", "train"), ("tset", "test")):
+        row = readers.check_record({"video": "a.mp4", "caption": "x", "split": typo})
+        assert row.reason == "bad_manifest_line" and f"misspelling of {meant!r}" in row.detail
+    for name, split in (("holdout", "holdout"), ("val", "validation"), ("test", "test")):  # a split of its own, an alias
+        assert readers.check_record({"video": "a.mp4", "caption": "x", "split": name}).split == split
+
+
 def test_a_rebuild_over_changed_annotations_or_media_fails_until_overwrite(media, tmp_path, monkeypatch):
     """The manual dir's annotations and listed media are part of what a build is: reusing a dataset built
     from other ones fails (it used to reuse it silently); an unchanged manual dir is reused without a look
     at the media; `--overwrite` (REUSE_CACHE_IF_EXISTS) rebuilds; loading without a manual dir is as before."""
     out = tmp_path / "out"
-    manual = _manual_dir(tmp_path, media, [{"video": "clips/good1.mp4", "label": "a", "split": "tset"},  # typo
-                                           {"video": "clips/later.mp4", "label": "b", "split": "tset"}])
+    manual = _manual_dir(tmp_path, media, [{"video": "clips/good1.mp4", "label": "a", "split": "holdout"},
+                                           {"video": "clips/later.mp4", "label": "b", "split": "holdout"}])
     manifest = manual / "manifest.jsonl"
     built = _build(manual, out)
-    assert list(built.info.splits) == ["tset"] and len(_examples(built, "tset")) == 1
+    assert list(built.info.splits) == ["holdout"] and len(_examples(built, "holdout")) == 1
 
     def no_generation(*args, **kwargs):
         raise AssertionError("the dataset was rebuilt instead of reused")
@@ -246,7 +256,7 @@ def test_a_rebuild_over_changed_annotations_or_media_fails_until_overwrite(media
     _build(manual, out)  # unchanged: reused
     local_media.Builder(config="tiny", data_dir=str(out)).download_and_prepare()  # no manual dir: reused
 
-    manifest.write_text(manifest.read_text().replace("tset", "test"))
+    manifest.write_text(manifest.read_text().replace("holdout", "test"))
     with pytest.raises(local_media.ManualDirChangedError) as failure:
         _build(manual, out)
     message = str(failure.value)
@@ -254,16 +264,16 @@ def test_a_rebuild_over_changed_annotations_or_media_fails_until_overwrite(media
                      "--overwrite", "--data_dir"):
         assert expected in message, message
     local_media.Builder(config="tiny", data_dir=str(out)).download_and_prepare()  # no manual dir: still loads
-    assert list(local_media.Builder(config="tiny", data_dir=str(out)).info.splits) == ["tset"]  # left as it was
+    assert list(local_media.Builder(config="tiny", data_dir=str(out)).info.splits) == ["holdout"]  # left as it was
 
-    manifest.write_text(manifest.read_text().replace("test", "tset"))  # back as built: reused again
+    manifest.write_text(manifest.read_text().replace("test", "holdout"))  # back as built: reused again
     _build(manual, out)
     shutil.copy(manual / "clips" / "good2.mp4", manual / "clips" / "later.mp4")  # a file it lacked, added
     with pytest.raises(local_media.ManualDirChangedError, match="media files"):
         _build(manual, out)
 
     monkeypatch.undo()
-    manifest.write_text(manifest.read_text().replace("tset", "test"))
+    manifest.write_text(manifest.read_text().replace("holdout", "test"))
     rebuilt = local_media.Builder(config="tiny", data_dir=str(out))
     rebuilt.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(manual), download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))

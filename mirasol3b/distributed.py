@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping
 
 from absl import app, flags
@@ -161,12 +162,15 @@ class NotSharedError(RuntimeError):
     """A directory every process must share is not the same directory on every host."""
 
 
-def check_shared_directory(path, what: str = "the directory", *, create: bool = True) -> None:
+def check_shared_directory(path, what: str = "the directory", *, create: bool = True,
+                           settle_seconds: float = 10.0) -> None:
     """With several processes, checks that a local `path` is one directory they all see (a URI such
     as gs://... is shared by nature): process 0 writes a file there, every process looks for it.
     Raises NotSharedError on every process otherwise: checkpoints written there would be one
-    host's own, and Orbax's multi-host save would wait forever for the others' files. Every
-    process must call it (it meets the others twice)."""
+    host's own, and Orbax's multi-host save would wait forever for the others' files. A process
+    that does not see the file looks again for up to `settle_seconds` (network file systems with
+    attribute caches, such as gcsfuse, may lag). Every process must call it (it meets the others
+    twice)."""
     import jax
 
     path = os.fspath(path)
@@ -183,6 +187,9 @@ def check_shared_directory(path, what: str = "the directory", *, create: bool = 
         with open(marker, "w") as f:
             f.write("written by process 0 to check that every process sees this directory\n")
     multihost_utils.sync_global_devices("check_shared_directory: written")  # same name on all
+    deadline = time.monotonic() + settle_seconds
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
     seen = multihost_utils.process_allgather(np.asarray(os.path.exists(marker)))
     multihost_utils.sync_global_devices("check_shared_directory: read")
     if jax.process_index() == 0 and os.path.exists(marker):

@@ -260,7 +260,7 @@ def _check_shared(directory: str, num_processes: int, process_id: int, port: int
     distributed.maybe_initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
                                  process_id=process_id, heartbeat_timeout_seconds=20, shutdown_timeout_seconds=30)
     try:
-        distributed.check_shared_directory(directory, "the workdir")
+        distributed.check_shared_directory(directory, "the workdir", settle_seconds=1.0)
     except distributed.NotSharedError as e:
         print(e, flush=True)
         sys.exit(3)

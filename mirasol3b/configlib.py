@@ -157,7 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         num_steps=200, learning_rate=1e-3, warmup_steps=20, end_learning_rate_fraction=0.1,
-        weight_decay=0.01, grad_clip_norm=1.0, adam_b1=0.9, adam_b2=0.98, log_every=10))
+        weight_decay=0.01, grad_clip_norm=1.0, adam_b1=0.9, adam_b2=0.98, log_every=10,
+        # A jax.profiler trace of steps profile_from_step+1 .. profile_from_step+profile_steps into
+        # WORKDIR/tensorboard (TensorBoard's Profile tab); 0 steps: none. Past the compile by default.
+        profile_steps=0, profile_from_step=10))
 
     # Generation-based evaluation (mirasol3b/evaluate.py): exact match of generated answers.
     c.eval = ml_collections.ConfigDict(dict(
@@ -340,6 +343,8 @@ RULES: dict[str, Callable] = {
     "train.adam_b1": _number(0.0, 1.0),
     "train.adam_b2": _number(0.0, 1.0),
     "train.log_every": _pos_int,
+    "train.profile_steps": _nonneg_int,
+    "train.profile_from_step": _nonneg_int,
     "eval.max_new_tokens": _pos_int,
     "eval.decode_method": _one_of("greedy", "beam", "sample"),
     "eval.beam_size": _pos_int,

@@ -1,6 +1,7 @@
 """The training loop as `main` runs it: resume, nothing to do when finished, NaN stops at its step,
 SIGTERM saves and exits."""
 
+import glob
 import json
 import os
 import signal
@@ -56,7 +57,11 @@ def _sigterm(batch):  # as a preemption would, while the step's input is read
 def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     cfg = _config(4)
+    cfg.train.update(profile_from_step=2, profile_steps=1)
     loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
+    assert "profile of steps 3-3 in " in capsys.readouterr().out
+    (trace,) = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*", "*.xplane.pb"))
+    assert os.path.getsize(trace) > 0
     # Resuming under another model config: the fields first, then the params that do not fit.
     other = _config(6)
     other.model.scan_layers = not cfg.model.scan_layers

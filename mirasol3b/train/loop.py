@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -71,6 +72,7 @@ class MetricsLog:
     def __init__(self, workdir: epath.PathLike, resumed_from: int = 0):
         self.enabled = jax.process_index() == 0
         self.workdir = epath.Path(workdir)
+        self.tensorboard_dir = self.workdir / "tensorboard"
         if self.enabled:
             import tensorflow as tf
             from tensorflow.core.framework import summary_pb2
@@ -84,7 +86,7 @@ class MetricsLog:
             self.path = self.workdir / "metrics.jsonl"
             self.path.touch()  # present from the start, as an opened log would be
             self._drop_after(resumed_from)
-            self._writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))  # gs:// too
+            self._writer = tf.summary.create_file_writer(str(self.tensorboard_dir))  # gs:// too
 
     def _records(self) -> list[tuple[str, dict | None]]:
         """(line, its record, or None for a line a crash left unfinished) of metrics.jsonl."""
@@ -303,14 +305,18 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
                           out_shardings=(shardings, None), donate_argnums=0)
         rng = jax.random.key(config.seed + 1)
         t0, timed_from = time.time(), start_step
+        profiler = _StepProfiler(config.train, log.tensorboard_dir)
         try:
             for step in range(start_step, num_steps):
                 batch = global_batch(model_batch(next(data_iter), config), mesh)
-                state, metrics = step_fn(state, batch, rng)
                 done = step + 1
+                profiler.before(done)
+                with jax.profiler.StepTraceAnnotation("train", step_num=done):
+                    state, metrics = step_fn(state, batch, rng)
                 # Two scalars a step: a NaN is caught at the step it appears, and a finite loss with
                 # infinite gradients (which clipping turns into NaN params) before its state is saved.
                 loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
+                profiler.after(done)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise NonFiniteLossError(
                         f"loss is {loss} (gradient norm {grad_norm}) at step {done}; stopping. The last good "
@@ -339,10 +345,38 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
                 if evaluate_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
                     _evaluate(evaluate_fn, config, state.params, mesh, log, done)
         finally:
+            profiler.stop()
             checkpointer.wait()
     log.close()
     checkpointer.close()
     return last
+
+
+class _StepProfiler:
+    """Traces steps `profile_from_step + 1 .. profile_from_step + profile_steps` (those this run
+    reaches) with `jax.profiler` into `log_dir`, beside the metrics, for TensorBoard's Profile tab."""
+
+    def __init__(self, train: ml_collections.ConfigDict, log_dir: epath.Path):
+        self.first, self.last = train.profile_from_step + 1, train.profile_from_step + train.profile_steps
+        self.log_dir, self.active, self.steps = log_dir, False, []
+
+    def before(self, step: int) -> None:
+        if not self.active and self.first <= step <= self.last:
+            jax.profiler.start_trace(os.fspath(self.log_dir))
+            self.active = True
+
+    def after(self, step: int) -> None:  # the step's results are on the host: its work is done
+        if self.active:
+            self.steps.append(step)
+            if step == self.last:
+                self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            print(f"profile of steps {self.steps[0]}-{self.steps[-1]} in {self.log_dir} (TensorBoard's Profile "
+                  "tab)" if self.steps else f"profile in {self.log_dir}", flush=True)
 
 
 def _evaluate(evaluate_fn, config, params, mesh, log: MetricsLog, step: int) -> None:

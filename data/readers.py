@@ -36,6 +36,8 @@ STANDARD_SPLITS = ("train", "validation", "test")
 ACTIVITYNET_QA_TYPES = {0: "motion", 1: "spatial_relation", 2: "temporal_relation", 3: "yes_no", 4: "color",
                         5: "object", 6: "location", 7: "number", 8: "other"}
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
+# UTF-8, with the byte-order mark that a file re-saved by Excel or a Windows editor starts with.
+ENCODING = "utf-8-sig"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +121,7 @@ def check_record(record: Any) -> Record | BadRow:
 def read_manifest(path: str | os.PathLike) -> Iterator[tuple[int, dict | BadRow]]:
     """`manifest.jsonl`: one JSON object per line; blank lines are ignored. A line that is not
     JSON is a `BadRow("bad_manifest_line")`; fields are checked by `check_record`."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=ENCODING) as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -133,9 +135,16 @@ def _bad(detail: str, video: str = "") -> BadRow:
     return BadRow("bad_annotation", detail, video)
 
 
+def _load_json(path):
+    with open(path, encoding=ENCODING) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); a truncated download?") from e
+
+
 def _json_list(path) -> list:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = _load_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
     return data
@@ -168,6 +177,28 @@ def _find_video(video_dir, names: Iterable[str], listing: dict[str, str]) -> str
         if name in listing:
             return os.path.join(video_dir, listing[name])
     return os.path.join(video_dir, names[0] + VIDEO_EXTENSIONS[0])
+
+
+class _VideoIndex:
+    """Where a clip file is: `video_dir/NAME`, else the one file of that name anywhere below it
+    (walked once, on the first miss); else `video_dir/NAME` (which then fails as "not_found")."""
+
+    def __init__(self, video_dir):
+        self.video_dir = video_dir
+        self.top = set(os.listdir(video_dir)) if os.path.isdir(video_dir) else set()
+        self.below: dict[str, str] | None = None
+
+    def path(self, name: str) -> str:
+        if name not in self.top:
+            if self.below is None:
+                self.below = {}
+                for root, dirs, files in os.walk(self.video_dir, followlinks=True):
+                    dirs.sort()  # the first of several copies (e.g. arrange_by_classes links) is stable
+                    for file in sorted(files):
+                        self.below.setdefault(file, os.path.join(root, file))
+            if name in self.below:
+                return self.below[name]
+        return os.path.join(self.video_dir, name)
 
 
 def _listing(video_dir) -> dict[str, str]:
@@ -212,7 +243,7 @@ def read_activitynet_qa(questions_json, answers_json, video_dir) -> Iterator[tup
 
 def _csv_rows(path, header: bool) -> Iterator[tuple[int, dict | list]]:
     """(line number, row) of a CSV file; a DictReader's rows when it has a header."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding=ENCODING, newline="") as f:
         rows = csv.DictReader(f) if header else csv.reader(f)
         for row in rows:
             if row and any((v or "").strip() for v in (row.values() if header else row) if isinstance(v, str)):
@@ -227,8 +258,7 @@ def read_nextqa(csv_path, video_dir, map_json=None) -> Iterator[tuple[int, dict 
     `map_vid_vidorID.json` (video id -> "dir/vidor id") when given, else `{video}.mp4`."""
     mapping = None
     if map_json is not None:
-        with open(map_json, encoding="utf-8") as f:
-            mapping = {str(k): v for k, v in json.load(f).items()}
+        mapping = {str(k): v for k, v in _load_json(map_json).items()}
     for line, row in _csv_rows(csv_path, header=True):
         try:
             vid, question = (row["video"] or "").strip(), row["question"]
@@ -278,15 +308,27 @@ def read_vggsound(csv_path, video_dir, filename_template: str = "{youtube_id}_{s
                          "label": label, "split": row_split}
 
 
+class UnlabelledSplitFile(ValueError):
+    """An annotation file without labels (Kinetics-600/700's test.csv): no example can come of it."""
+
+
 def read_kinetics_sound(csv_path, video_dir, classes: Iterable[str] | None = None,
                         filename_template: str = "{youtube_id}_{start:06d}_{end:06d}.mp4"
                         ) -> Iterator[tuple[int, dict | BadRow]]:
-    """Kinetics (`train.csv`, `validate.csv`, `test.csv` of Kinetics-400/600/700): header
+    """Kinetics (`train.csv`, `validate.csv` or `val.csv`, `test.csv` of Kinetics-400/600/700): header
     label,youtube_id,time_start,time_end,split[,is_cc]. Rows whose label is not in `classes` (the
     Kinetics-Sound class list, when given) are left out silently: they are not part of the dataset.
     Files are named by `filename_template` with {youtube_id}, {start}, {end} (int seconds): by
-    default `{youtube_id}_{start:06d}_{end:06d}.mp4`, the clips the common downloaders cut."""
+    default `{youtube_id}_{start:06d}_{end:06d}.mp4`, the clips the common downloaders cut, found in
+    `video_dir` or any folder below it (the crawler's `<label>/`, CVDF's `<split>/`). A file with
+    no label column (the 600/700 test sets) raises `UnlabelledSplitFile` before any row."""
     keep = None if classes is None else {c.strip() for c in classes if c.strip()}
+    with open(csv_path, encoding=ENCODING, newline="") as f:
+        header = next(csv.reader(f), [])
+    if "label" not in [h.strip() for h in header]:
+        raise UnlabelledSplitFile(f"{csv_path} has no label column (header {','.join(header)}): an unlabelled "
+                                  "split, such as Kinetics-600/700's test set, gives no classification examples")
+    videos = _VideoIndex(video_dir)
     for line, row in _csv_rows(csv_path, header=True):
         try:
             label, youtube_id = (row["label"] or "").strip(), (row["youtube_id"] or "").strip()
@@ -299,7 +341,7 @@ def read_kinetics_sound(csv_path, video_dir, classes: Iterable[str] | None = Non
             continue
         if keep is not None and label not in keep:
             continue
-        record = {"video": os.path.join(video_dir, filename_template.format(youtube_id=youtube_id, start=start, end=end)),
+        record = {"video": videos.path(filename_template.format(youtube_id=youtube_id, start=start, end=end)),
                   "label": label}
         if row_split:
             record["split"] = split_name(row_split)
@@ -308,5 +350,5 @@ def read_kinetics_sound(csv_path, video_dir, classes: Iterable[str] | None = Non
 
 def read_class_list(path) -> list[str]:
     """One class name per line (blank lines and '#' comments ignored), e.g. the Kinetics-Sound classes."""
-    return [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines()
+    return [s.strip() for s in Path(path).read_text(encoding=ENCODING).splitlines()
             if s.strip() and not s.lstrip().startswith("#")]

@@ -436,6 +436,52 @@ def test_read_kinetics_sound(tmp_path):
     assert sorted(every_class) == [2, 3, 5]
 
 
+def test_kinetics_as_its_current_hosts_ship_it(tmp_path):
+    """CVDF's val.csv, the 600/700 test sets' missing label column, clips in the crawler's
+    <label>/ folders or CVDF's <split>/ folders."""
+    header = ["label", "youtube_id", "time_start", "time_end", "split"]
+    manual = tmp_path / "manual"
+    (manual / "videos" / "playing bagpipes").mkdir(parents=True)
+    (manual / "videos" / "playing bagpipes" / "0wCCl6Zr6Pk_000014_000024.mp4").write_bytes(b"x")
+    (manual / "videos" / "8sLRSm2E4Wc_000000_000010.mp4").write_bytes(b"x")
+    (manual / local_media.KINETICS_SOUND_CLASSES).write_text("playing bagpipes\ntapping guitar\n")
+    _write_csv(manual / "val.csv", [["playing bagpipes", "0wCCl6Zr6Pk", "14", "24", "val"],
+                                    ["tapping guitar", "8sLRSm2E4Wc", "0", "10", "val"],
+                                    ["tapping guitar", "missing", "0", "10", "val"]], header)
+    _write_csv(manual / "test.csv", [["zzz", "0", "10", "test"]], header[1:])  # no labels
+    records, _ = local_media._read("kinetics_sound", manual)
+    videos = {r.video: r.split for _, _, r, _ in records}
+    assert videos == {str(manual / "videos" / "playing bagpipes" / "0wCCl6Zr6Pk_000014_000024.mp4"): "validation",
+                      str(manual / "videos" / "8sLRSm2E4Wc_000000_000010.mp4"): "validation",
+                      str(manual / "videos" / "missing_000000_000010.mp4"): "validation"}  # not_found at decode
+    with pytest.raises(readers.UnlabelledSplitFile, match="test.csv has no label column"):
+        list(readers.read_kinetics_sound(manual / "test.csv", str(manual / "videos")))
+    _write_csv(manual / "validate.csv", [["tapping guitar", "8sLRSm2E4Wc", "0", "10", "val"]], header)
+    with pytest.raises(ValueError, match="validate.csv and .*val.csv are both the validation split"):
+        local_media._read("kinetics_sound", manual)
+    # A companion file gone (the class list) is an error, not "no annotations here, reuse the dataset".
+    (manual / local_media.KINETICS_SOUND_CLASSES).unlink()
+    builder = local_media.Builder(config="kinetics_sound_tiny", data_dir=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="class list"):
+        builder._check_manual_dir(None, tfds.download.DownloadConfig(manual_dir=str(manual)))
+    assert builder._check_manual_dir(None, tfds.download.DownloadConfig(manual_dir=str(tmp_path))) is None
+
+
+def test_annotation_files_with_a_byte_order_mark_or_cut_short(tmp_path):
+    bom = "\ufeff"
+    msrvtt = tmp_path / "train_qa.json"
+    msrvtt.write_text(bom + json.dumps([{"answer": "a", "id": 0, "question": "what?", "video_id": 3}]), "utf-8")
+    good, _ = _split_items(readers.read_msrvtt_qa(msrvtt, "videos"))
+    assert [g["video"] for g in good.values()] == ["videos/video3.mp4"]
+    vgg = tmp_path / "vggsound.csv"
+    vgg.write_text(bom + "---g-f_I2yQ,1,people marching,test\n", "utf-8")
+    good, _ = _split_items(readers.read_vggsound(vgg, "videos"))
+    assert good[1]["video"] == "videos/---g-f_I2yQ_000001.mp4"
+    msrvtt.write_text(json.dumps([{"answer": "a", "id": 0, "question": "what?", "video_id": 3}])[:30])
+    with pytest.raises(ValueError, match=f"{msrvtt}: not valid JSON"):
+        list(readers.read_msrvtt_qa(msrvtt, "videos"))
+
+
 def test_msrvtt_qa_build_end_to_end(media, tmp_path):
     manual = tmp_path / "manual"
     (manual / "videos").mkdir(parents=True)

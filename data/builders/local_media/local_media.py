@@ -36,9 +36,10 @@ KINETICS_SOUND_CLASSES = "kinetics_sound_classes.txt"
 NEXTQA_MAP = "map_vid_vidorID.json"
 _OTHER_ANNOTATION_FILES = {"nextqa": (NEXTQA_MAP,), "kinetics_sound": (KINETICS_SOUND_CLASSES,)}  # fingerprinted too
 FINGERPRINT_KEY = "manual_dir_fingerprint"  # in the dataset's metadata.json, see `_fingerprint`
-# Public releases' per-split files: (file stem, TFDS split); Kinetics names its validation file "validate".
+# Public releases' per-split files: (file stem, TFDS split); Kinetics' validation file is "validate"
+# (DeepMind's release) or "val" (CVDF's).
 _SPLIT_FILES = (("train", "train"), ("val", "validation"), ("test", "test"))
-_KINETICS_SPLIT_FILES = (("train", "train"), ("validate", "validation"), ("test", "test"))
+_KINETICS_SPLIT_FILES = (("train", "train"), ("validate", "validation"), ("val", "validation"), ("test", "test"))
 
 
 @dataclasses.dataclass(eq=False)
@@ -100,8 +101,9 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
       activitynet_qa: {train,val,test}_q.json and _a.json; videos/v_{name}.{mp4,mkv,webm}.
       nextqa: {train,val,test}.csv, optional map_vid_vidorID.json; videos/{path}.mp4.
       vggsound: vggsound.csv (its split column); videos/{youtube_id}_{start:06d}.mp4.
-      kinetics_sound: {train,validate,test}.csv of Kinetics plus kinetics_sound_classes.txt (one
-        class per line); videos/{youtube_id}_{start:06d}_{end:06d}.mp4.
+      kinetics_sound: {train,validate or val,test}.csv of Kinetics plus kinetics_sound_classes.txt (one
+        class per line); videos/{youtube_id}_{start:06d}_{end:06d}.mp4, or in any folder below videos/
+        (the crawler's <label>/, CVDF's <split>/). An unlabelled test.csv (600/700) is left out.
       (Per-split files: whichever exist; `data/readers.py` documents each layout.)
     A file or line that cannot become an example is skipped and listed in `skipped.jsonl` (see
     `data/builders/report.py`); a split with no example left fails the build.
@@ -142,7 +144,7 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
             given or Path(download_dir or os.fspath(self.data_dir_root / "downloads")) / "manual")))
         try:
             _, now = _read(self.builder_config.source, manual_dir)
-        except FileNotFoundError:  # no annotations there: nothing to compare
+        except NoAnnotationsError:  # nothing there to compare (a missing companion file is an error)
             return
         name = f"{self.name}/{self.builder_config.name}"
         built = (self.info.metadata or {}).get(FINGERPRINT_KEY)
@@ -186,6 +188,10 @@ class ManualDirChangedError(RuntimeError):
     """The manual dir's annotations or media differ from those the existing dataset was built from."""
 
 
+class NoAnnotationsError(FileNotFoundError):
+    """The manual dir holds none of the source's annotation files."""
+
+
 def _annotation_files(source: str, manual_dir: Path):
     """[(annotation file name, default split, reader)] of the files present in the manual dir."""
     videos = str(manual_dir / VIDEO_DIR)
@@ -204,24 +210,36 @@ def _annotation_files(source: str, manual_dir: Path):
         files = [("vggsound.csv", "train", lambda p: readers.read_vggsound(p, videos))]
     else:
         classes = manual_dir / KINETICS_SOUND_CLASSES
-        if not classes.exists():
-            raise FileNotFoundError(f"local_media/{source}: expected the Kinetics-Sound class list (one class per "
-                                    f"line) at {classes}")
-        names = readers.read_class_list(classes)
-        files = [(f"{stem}.csv", split, lambda p: readers.read_kinetics_sound(p, videos, names))
+        files = [(f"{stem}.csv", split,
+                  lambda p: readers.read_kinetics_sound(p, videos, readers.read_class_list(classes)))
                  for stem, split in _KINETICS_SPLIT_FILES]
     present = [(name, split, read) for name, split, read in files if (manual_dir / name).exists()]
     if not present:
-        raise FileNotFoundError(f"local_media/{source}: no annotations in the manual dir; expected "
-                                f"{' or '.join(str(manual_dir / name) for name, _, _ in files)}")
+        raise NoAnnotationsError(f"local_media/{source}: no annotations in the manual dir; expected "
+                                 f"{' or '.join(str(manual_dir / name) for name, _, _ in files)}")
+    if source == "kinetics_sound" and not (manual_dir / KINETICS_SOUND_CLASSES).exists():
+        raise FileNotFoundError(f"local_media/{source}: expected the Kinetics-Sound class list (one class per "
+                                f"line) at {manual_dir / KINETICS_SOUND_CLASSES}")
+    files_of = collections.defaultdict(list)  # split -> its files
+    for name, split, _ in present:
+        files_of[split].append(name)
+    for split, same in files_of.items():
+        if len(same) > 1:  # Kinetics' validate.csv and val.csv: the same split twice
+            raise ValueError(f"local_media/{source}: {' and '.join(str(manual_dir / n) for n in same)} are both "
+                             f"the {split} split; keep one")
     return present
 
 
 def _read(source: str, manual_dir: Path):
     """([(annotation file, line, Record or BadRow, default split)], fingerprint) of the manual dir."""
     files = _annotation_files(source, manual_dir)
-    records = [(name, line, item if isinstance(item, readers.BadRow) else readers.check_record(item), split)
-               for name, split, read in files for line, item in read(manual_dir / name)]
+    records = []
+    for name, split, read in files:
+        try:
+            records += [(name, line, item if isinstance(item, readers.BadRow) else readers.check_record(item), split)
+                        for line, item in read(manual_dir / name)]
+        except readers.UnlabelledSplitFile as e:
+            logging.warning("local_media/%s: %s; leaving the %s split out", source, e, split)
     extra = [name for name in _OTHER_ANNOTATION_FILES.get(source, ()) if (manual_dir / name).exists()]
     return records, _fingerprint(manual_dir, [name for name, _, _ in files] + extra, records)
 

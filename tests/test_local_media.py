@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 
 from data import readers
 from data.builders.local_media import local_media
-from data.builders.report import EmptySplitError, skipped_report_path
+from data.builders.report import EmptySplitError, SkipExample, skipped_report_path
 from data.encode import ffmpeg_exe, write_clip
 from data.spec import DEFAULT_PROMPTS, MediaSpec
 
@@ -189,6 +189,21 @@ def _assert_no_dataset(data_dir: Path):
     config_dir = data_dir / "local_media" / "tiny"
     assert not (config_dir / "1.0.0").exists()
     assert not [p for p in config_dir.iterdir() if "incomplete" in p.name]  # TFDS cleaned its temporary dir
+
+
+def _skip(item):
+    raise SkipExample("not_found")
+
+
+def test_a_failed_split_reports_the_splits_after_it_as_not_reached(tmp_path):
+    from types import SimpleNamespace
+
+    from data.builders.report import BuildReport
+
+    builder = SimpleNamespace(name="b", builder_config=SimpleNamespace(name="c"), data_path=str(tmp_path / "c" / "1"))
+    report = BuildReport(builder, ["test", "train", "validation"])
+    with pytest.raises(EmptySplitError, match=r"kept 0 \(test 0, train not reached, validation not reached\)"):
+        list(report.generate("test", ["a"], _skip, lambda item: {"key": item, "file": item}))
 
 
 def test_failed_builds_leave_no_dataset_and_a_rebuild_starts_a_fresh_report(media, tmp_path, monkeypatch):

@@ -95,8 +95,9 @@ class BuildReport:
     def summary(self) -> str:
         kept = sum(self.kept.values())
         text = f"{self.name}: kept {kept}"
-        if len(self.splits) > 1:
-            text += " (" + ", ".join(f"{s} {self.kept[s]}" for s in self.splits) + ")"
+        if len(self.splits) > 1:  # a failed split stops the build: the ones after it never ran
+            text += " (" + ", ".join(f"{s} {self.kept[s]}" if s in self._finished else f"{s} not reached"
+                                     for s in self.splits) + ")"
         text += f", skipped {sum(self.skipped.values())}"
         if self.reasons:
             text += " (" + ", ".join(f"{r} {n}" for r, n in sorted(self.reasons.items())) + ")"

@@ -500,6 +500,7 @@ stop_workers() {
   say "interrupted; the job goes on on the workers (README.md, \"Later runs, logs, stopping\")."
   say "follow it again: $attach_command"
   say "stop it: $stop_command"
+  disown -a  # out of the job table first: bash would print a "Terminated" line for each
   for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
   exit 130
 }

@@ -624,6 +624,7 @@ def test_ctrl_c_leaves_the_job_running_and_says_how_to_stop_it(fake):
         assert proc.returncode == 130
         # The message points to the README section that exists.
         assert 'README.md, "Later runs, logs, stopping"' in stderr and "launch/README.md" not in stderr
+        assert "Terminated" not in stderr, "no job-control lines from bash"
         assert "\n### Later runs, logs, stopping\n" in (ROOT / "README.md").read_text()
         assert "started" in (fake.logs / "worker-0.log").read_text()
         time.sleep(0.5)

@@ -27,9 +27,12 @@ from mirasol3b.train.loop import quiet_logging
 
 def prepare(config: ml_collections.ConfigDict, video_path: str, question: str, *,
             missing_audio: str = "skip") -> dict[str, np.ndarray]:
-    """The model batch (one row) of `video_path` and `question`. Raises `data.media.MediaError`."""
+    """The model batch (one row) of `video_path` and `question`. Raises `data.media.MediaError`.
+    A model that does not read audio (`model.use_audio=False`) takes a file without an audio track."""
     from data import media, spec
 
+    if not config.model.use_audio:
+        missing_audio = "silence"  # never read: the file needs no audio track
     clip = media.decode_clip(video_path, spec.MediaSpec.from_config(config, missing_audio=missing_audio))
     # Only now TensorFlow and SeqIO: a file that cannot be read fails in a second.
     import tensorflow as tf

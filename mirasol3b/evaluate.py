@@ -206,29 +206,33 @@ def decode_settings(decode: decoding.DecodeConfig, seed: int) -> dict:
 
 # ---- checkpoints ------------------------------------------------------------------------------
 
-def _require_checkpoints(workdir: epath.PathLike) -> None:
-    directory = epath.Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoints in workdir {workdir!r} (no directory {directory}); train there "
-                                "first with `python -m mirasol3b.main --workdir=...`")
+def _run_dir(workdir: epath.PathLike) -> epath.Path:
+    """The training run's workdir, given it or its `checkpoints` directory."""
+    try:
+        return checkpoints.run_dir(workdir, f"workdir {os.fspath(workdir)!r}")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; train there first with `python -m mirasol3b.main --workdir=...`") from None
 
 
 def _checkpointer(workdir: epath.PathLike) -> checkpoints.Checkpointer:
-    _require_checkpoints(workdir)
-    return checkpoints.Checkpointer(workdir, save_every=1, keep=1, read_only=True)
+    return checkpoints.Checkpointer(_run_dir(workdir), save_every=1, keep=1, read_only=True)
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: jax.sharding.Mesh):
-    """(step, params) of `workdir`'s latest good checkpoint, sharded over `mesh`.
+def restore_params(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+                   mesh: jax.sharding.Mesh | None = None):
+    """(step, params) of `workdir`'s (or its `checkpoints` directory's) latest good checkpoint,
+    sharded over `mesh` (default: this process's first device).
 
     Params only: the optimizer state (twice their size) is never read, so the optimizer config need
     not match training's, and params saved in another dtype are cast to `config.model.param_dtype`.
     Corrupt steps are reported and skipped (`Checkpointer.restore_latest`).
     """
+    workdir = _run_dir(workdir)
+    if mesh is None:
+        mesh = sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
     model, optimizer = Mirasol3B(config.model), make_optimizer(config.train)
     boxed, _ = abstract_state(model, optimizer, example_batch(config, 1))
     target = checkpoints.with_shardings(boxed.params, state_shardings(boxed, mesh).params)
-    _require_checkpoints(workdir)
     return checkpoints.restore_params(workdir, target, what=f"workdir {os.fspath(workdir)!r}")
 
 
@@ -319,6 +323,7 @@ def main(argv, flag_values) -> None:
     workdir = workdir_flag.value
     try:
         distributed.check_shared_directory(workdir, "--workdir", create=False)
+        workdir = os.fspath(_run_dir(workdir))  # also given as its checkpoints directory
         config = resolve_config(config_flag.value, workdir, check=flags.FLAGS.config_check)
         if split_flag.value:
             config.eval.split = split_flag.value

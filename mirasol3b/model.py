@@ -100,9 +100,13 @@ class Mirasol3B(nn.Module):
 
     def encode_media(self, video: jax.Array | None, audio: jax.Array | None, media_mask: jax.Array, *,
                      train: bool = False) -> dict[str, jax.Array]:
-        """Encodes the media once. Returns `latents`, `predictions` ([batch, snippets, m, width]),
-        `media` ([batch, snippets * m, width], what the text decoder reads) and `media_token_mask`."""
+        """Encodes the media once: `video [batch, frames, H, W, 3]` uint8 (or float in [0, 1]; None
+        when not `use_video`), `audio [batch, samples]` float waveform in [-1, 1] (None when not
+        `use_audio`), `media_mask [batch, snippets]` bool. Returns `latents`, `predictions`
+        ([batch, snippets, m, width]), `media` ([batch, snippets * m, width], what the text decoder
+        reads) and `media_token_mask`."""
         c = self.config
+        _check_media(c, video, audio, media_mask)
         snippets = media_mask.shape[1]
         tokens = {}
         if c.use_video:
@@ -135,3 +139,27 @@ class Mirasol3B(nn.Module):
         media = self.encode_media(batch.get("video"), batch.get("audio"), batch["media_mask"], train=train)
         logits = self.decode_text(batch["text_inputs"], media["media"], media["media_token_mask"], train=train)
         return {"logits": logits, "latents": media["latents"], "predictions": media["predictions"]}
+
+
+def _check_media(c, video, audio, media_mask) -> None:
+    """Shape and dtype errors naming the input, before they surface as an unpacking or
+    broadcasting error deep in an encoder (shapes are static, so this costs nothing under jit)."""
+    if media_mask is None or len(media_mask.shape) != 2 or not (
+            jnp.issubdtype(media_mask.dtype, jnp.bool_) or jnp.issubdtype(media_mask.dtype, jnp.integer)):
+        raise ValueError("media_mask must be bool [batch, snippets], got "
+                         f"{None if media_mask is None else (media_mask.shape, media_mask.dtype)}")
+    batch = media_mask.shape[0]
+    if c.use_video:
+        if video is None or len(video.shape) != 5 or video.shape[-1] != 3 or video.shape[0] != batch:
+            raise ValueError(f"video must be [batch={batch}, frames, H, W, 3] (RGB), got "
+                             f"{None if video is None else video.shape}")
+        if not (video.dtype == jnp.uint8 or jnp.issubdtype(video.dtype, jnp.floating)):
+            raise ValueError(f"video must be uint8 (0..255) or float (0..1), got {video.dtype}")
+    if c.use_audio:
+        if audio is None or len(audio.shape) != 2 or audio.shape[0] != batch:
+            raise ValueError(f"audio must be a mono waveform [batch={batch}, samples], got "
+                             f"{None if audio is None else audio.shape}")
+        if not jnp.issubdtype(audio.dtype, jnp.floating):
+            # int16 PCM read as it is would sit ~90 dB above the spectrogram's normalisation.
+            raise ValueError(f"audio must be a float waveform in [-1, 1], got {audio.dtype} (int16 PCM: "
+                             "divide by 32768)")

@@ -42,6 +42,9 @@ class TextDecoder(nn.Module):
                  deterministic: bool = True) -> jax.Array:
         s = self.spec
         length = tokens.shape[1]
+        if length > self.max_length:  # the position table would read past its end: NaN everywhere
+            raise ValueError(f"text of {length} tokens is longer than model.text_decoder.max_length "
+                             f"({self.max_length})")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
         if mask is None:

@@ -210,6 +210,9 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
     step, restored = evaluate.restore_params(restored_config, str(tmp_path), mesh)
     assert step == 5
     jax.tree.map(np.testing.assert_array_equal, restored, params)
+    # The run's checkpoints directory works as its workdir, and the mesh defaults to one device.
+    assert evaluate.config_from_workdir(str(tmp_path / "checkpoints")).to_dict() == restored_config.to_dict()
+    assert evaluate.restore_params(restored_config, str(tmp_path / "checkpoints"))[0] == 5
     # Params only: another optimizer (its state has another structure) and another param dtype
     # (read as saved, checked against the fingerprint, then cast) still evaluate this checkpoint.
     other = restored_config.copy_and_resolve_references()
@@ -256,3 +259,17 @@ def test_answer_cli_reports_unreadable_files(tmp_path):
         name = "missing.mp4" if reason == "not_found" else "broken.mp4"
         assert run.returncode == 1, stderr[-2000:]
         assert name in stderr and reason in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_a_model_without_audio_answers_about_a_file_without_an_audio_track(tmp_path):
+    from data.media import MediaError
+
+    clip = str(tmp_path / "silent.mp4")
+    encode.write_clip(clip, np.full((16, 32, 32, 3), 100, np.uint8), 8, None, 16000)
+    cfg = tiny.get_config()
+    with pytest.raises(MediaError, match="no_audio_track|no audio"):
+        answer_lib.prepare(cfg, clip, "what plays?")
+    with cfg.unlocked():
+        cfg.model.use_audio = False
+    batch = answer_lib.prepare(cfg, clip, "what plays?")
+    assert batch["video"].shape[:2] == (1, cfg.data.num_frames) and batch["media_mask"].any()

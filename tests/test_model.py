@@ -723,3 +723,30 @@ def test_combiner_outputs_only_gives_the_same_model_outputs():
         np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=1e-5, err_msg=key)
     full_flops, lean_flops = (c.cost_analysis()["flops"] for c in compiled)
     assert lean_flops < 0.95 * full_flops  # and it is less work
+
+
+def _with(batch: dict, **changes) -> dict:
+    out = {k: v for k, v in batch.items() if k not in changes}
+    out.update({k: v for k, v in changes.items() if v is not None})
+    return out
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"video": None}, r"video must be \[batch=2, frames, H, W, 3\] \(RGB\), got None"),
+    ({"video": _sds((2, 8, 32, 32), np.uint8)}, r"video must be .*got \(2, 8, 32, 32\)"),
+    ({"video": _sds((3, 8, 32, 32, 3), np.uint8)}, r"video must be \[batch=2"),
+    ({"video": _sds((2, 8, 32, 32, 3), np.int32)}, "video must be uint8 .* or float"),
+    ({"audio": _sds((2, 16000, 2), np.float32)}, r"audio must be a mono waveform \[batch=2, samples\]"),
+    ({"audio": _sds((2, 16000), np.int16)}, "int16 PCM: divide by 32768"),
+    ({"media_mask": _sds((2, 4), np.float32)}, r"media_mask must be bool \[batch, snippets\]"),
+    ({"text_inputs": _sds((2, 100), np.int32)}, r"text of 100 tokens is longer than model.text_decoder.max_length"),
+])
+def test_bad_inputs_name_the_field_before_anything_runs(change, message):
+    cfg = tiny.get_config()
+    batch = train_state.example_batch(cfg, 2)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda b: Mirasol3B(cfg.model).init(jax.random.key(0), b), _with(batch, **change))

@@ -52,8 +52,10 @@ class TTMCombiner(nn.Module):
     """`tokens [batch, snippets, tokens, width]`, `media_mask [batch, snippets]`
     -> `[batch, snippets, num_outputs, width]`.
 
-    Scans over snippets; with `spec.scan_layers=False` the snippets are unrolled instead, with
-    the same parameters.
+    Scans over snippets; with `spec.scan_layers=False` the snippets are unrolled instead: the same
+    weights for every snippet either way, but the inner stack's params then sit under
+    `layers_<i>` rather than one stacked `layers` (as for every stack), so a checkpoint of one
+    does not restore into the other.
     """
 
     spec: TransformerSpec

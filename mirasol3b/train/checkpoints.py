@@ -508,7 +508,7 @@ def load_params_for_finetuning(init_from: epath.PathLike, abstract_params, *, fr
                           what="init_from")[1]
 
 
-def _run_dir(workdir: epath.PathLike, what: str) -> epath.Path:
+def run_dir(workdir: epath.PathLike, what: str) -> epath.Path:
     """The run's workdir, given it or its `checkpoints` directory."""
     workdir = epath.Path(workdir)  # normalised: no trailing slash
     if not (workdir / "checkpoints").is_dir() and workdir.name == "checkpoints":
@@ -521,7 +521,7 @@ def _run_dir(workdir: epath.PathLike, what: str) -> epath.Path:
 def latest_saved_config(workdir: epath.PathLike, what: str = "restore") -> tuple[int, dict | None] | None:
     """(step, the config saved with it as a dict, or None) of the newest step of the run in `workdir`
     (or its `checkpoints` directory); None when it has no step."""
-    with Checkpointer(_run_dir(workdir, what), save_every=1, keep=1, read_only=True) as source:
+    with Checkpointer(run_dir(workdir, what), save_every=1, keep=1, read_only=True) as source:
         step = source.latest_step()
         return None if step is None else (step, source.saved_config(step))
 
@@ -535,7 +535,7 @@ def restore_params(workdir: epath.PathLike, abstract_params, *, fresh_params=Non
     if (allow_missing or allow_shape_mismatch) and fresh_params is None:
         raise ValueError(f"{what}: allow_missing / allow_shape_mismatch need `fresh_params`, the values that "
                          "params missing from the checkpoint or of another shape keep")
-    source = Checkpointer(_run_dir(workdir, what), save_every=1, keep=1, read_only=True,
+    source = Checkpointer(run_dir(workdir, what), save_every=1, keep=1, read_only=True,
                           _state_handler=ocp.PyTreeCheckpointHandler())
     abstract_params = nn.unbox(abstract_params)
     model = _flat(abstract_params)

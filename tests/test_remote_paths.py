@@ -140,7 +140,7 @@ def test_corrupt_record_and_half_written_steps_in_a_gs_workdir(fake_bucket):
     assert sorted(os.listdir(run)) == ["checkpoints", "corrupt_checkpoints.json"]
     with ckpt.Checkpointer(WORKDIR, save_every=1, keep=1, read_only=True) as again:
         assert again.corrupt == {7: "test"} and again.latest_step() is None
-    with pytest.raises(FileNotFoundError, match="no directory gs://bucket/runs/none/checkpoints"):
+    with pytest.raises(FileNotFoundError, match="no checkpoints directory at gs://bucket/runs/none/checkpoints; train there first"):
         evaluate.config_from_workdir("gs://bucket/runs/none")
 
 

@@ -107,17 +107,10 @@ class Mirasol3B(nn.Module):
         reads) and `media_token_mask`."""
         c = self.config
         _check_media(c, video, audio, media_mask)
-        snippets = media_mask.shape[1]
         tokens = {}
         if c.use_video:
-            if video.shape[1] != snippets * c.video.snippet_frames:
-                raise ValueError(f"video has {video.shape[1]} frames; media_mask says {snippets} snippets of "
-                                 f"{c.video.snippet_frames} frames")
             tokens["video"] = self.video_encoder(video, deterministic=not train)
         if c.use_audio:
-            if audio.shape[1] != snippets * samples_per_snippet(c):
-                raise ValueError(f"audio has {audio.shape[1]} samples; media_mask says {snippets} snippets of "
-                                 f"{samples_per_snippet(c)} samples")
             tokens["audio"] = self.audio_encoder(audio, deterministic=not train)
         latents = self.combiner(self.fusion(tokens, deterministic=not train), media_mask, deterministic=not train)
         features, predictions = self.time_aligned(latents, media_mask, deterministic=not train)
@@ -148,13 +141,16 @@ def _check_media(c, video, audio, media_mask) -> None:
             jnp.issubdtype(media_mask.dtype, jnp.bool_) or jnp.issubdtype(media_mask.dtype, jnp.integer)):
         raise ValueError("media_mask must be bool [batch, snippets], got "
                          f"{None if media_mask is None else (media_mask.shape, media_mask.dtype)}")
-    batch = media_mask.shape[0]
+    batch, snippets = media_mask.shape
     if c.use_video:
         if video is None or len(video.shape) != 5 or video.shape[-1] != 3 or video.shape[0] != batch:
             raise ValueError(f"video must be [batch={batch}, frames, H, W, 3] (RGB), got "
                              f"{None if video is None else video.shape}")
         if not (video.dtype == jnp.uint8 or jnp.issubdtype(video.dtype, jnp.floating)):
             raise ValueError(f"video must be uint8 (0..255) or float (0..1), got {video.dtype}")
+        if video.shape[1] != snippets * c.video.snippet_frames:
+            raise ValueError(f"video has {video.shape[1]} frames; media_mask says {snippets} snippets of "
+                             f"{c.video.snippet_frames} frames")
     if c.use_audio:
         if audio is None or len(audio.shape) != 2 or audio.shape[0] != batch:
             raise ValueError(f"audio must be a mono waveform [batch={batch}, samples], got "
@@ -163,3 +159,6 @@ def _check_media(c, video, audio, media_mask) -> None:
             # int16 PCM read as it is would sit ~90 dB above the spectrogram's normalisation.
             raise ValueError(f"audio must be a float waveform in [-1, 1], got {audio.dtype} (int16 PCM: "
                              "divide by 32768)")
+        if audio.shape[1] != snippets * samples_per_snippet(c):
+            raise ValueError(f"audio has {audio.shape[1]} samples; media_mask says {snippets} snippets of "
+                             f"{samples_per_snippet(c)} samples")

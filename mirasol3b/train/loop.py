@@ -157,12 +157,10 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
         differ = configlib.model_differences(config, saved, also=frozenset({"model.param_dtype"})) if saved else []
         if not differ:
             raise
-        # The config says why in a line; the param paths (hundreds for a scan_layers change) follow.
-        raise ckpt.CheckpointMismatchError(
-            f"this run's config differs from the one checkpoint step {latest} was trained with "
-            f"({checkpointer.step_path(latest)}) in fields that define the model:"
-            + "".join(f"\n  {d}" for d in differ) + "\nResume with the run's values, or train in a new workdir "
-            "(config.init_from takes the params that still fit). The checkpoint's params:\n" + str(e)) from e
+        raise _fields_first(e, f"this run's config differs from the one checkpoint step {latest} was trained "
+                            f"with ({checkpointer.step_path(latest)})", differ,
+                            "Resume with the run's values, or train in a new workdir (config.init_from takes the "
+                            "params that still fit). The checkpoint's params") from e
     if restored is not None:
         step, state, data_state = restored
         try:
@@ -195,16 +193,25 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
             if not differ:
                 raise
             # Allowing the param differences of, say, a scan_layers change would load almost nothing.
-            raise ckpt.CheckpointMismatchError(
-                f"init_from: this config differs from {config.init_from}'s in fields that define the model:"
-                + "".join(f"\n  {d}" for d in differ) + "\nIf that is meant, config.init_from_allow decides "
-                "what happens to the params that then do not fit (they start fresh):\n" + str(e)) from e
+            raise _fields_first(e, f"init_from: this config differs from {config.init_from}'s", differ,
+                                "If that is meant, config.init_from_allow decides what happens to the params "
+                                "that then do not fit (they start fresh)") from e
         state = state.replace(params=params)
         print(f"params initialised from {config.init_from}", flush=True)
         if differ:  # params that still fit load as they are, e.g. a vocabulary's padded table
-            print("note: this config differs from init_from's in fields that define the model:"
-                  + "".join(f"\n  {d}" for d in differ), flush=True)
+            print(f"note: this config differs from init_from's{_field_lines(differ)}", flush=True)
     return state, shardings, 0
+
+
+def _field_lines(differ: list[str]) -> str:
+    return " in fields that define the model:" + "".join(f"\n  {d}" for d in differ)
+
+
+def _fields_first(e: ckpt.CheckpointMismatchError, head: str, differ: list[str],
+                  advice: str) -> ckpt.CheckpointMismatchError:
+    """`e` (hundreds of param paths for, say, a scan_layers change) after the config fields that
+    explain it in a line each."""
+    return ckpt.CheckpointMismatchError(f"{head}{_field_lines(differ)}\n{advice}:\n{e}")
 
 
 def _source_differences(config: ml_collections.ConfigDict) -> list[str]:

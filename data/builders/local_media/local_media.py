@@ -210,8 +210,8 @@ def _annotation_files(source: str, manual_dir: Path):
         files = [("vggsound.csv", "train", lambda p: readers.read_vggsound(p, videos))]
     else:
         classes = manual_dir / KINETICS_SOUND_CLASSES
-        files = [(f"{stem}.csv", split,
-                  lambda p: readers.read_kinetics_sound(p, videos, readers.read_class_list(classes)))
+        names = readers.read_class_list(classes) if classes.exists() else None  # required below, if any file
+        files = [(f"{stem}.csv", split, lambda p: readers.read_kinetics_sound(p, videos, names))
                  for stem, split in _KINETICS_SPLIT_FILES]
     present = [(name, split, read) for name, split, read in files if (manual_dir / name).exists()]
     if not present:

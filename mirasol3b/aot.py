@@ -179,9 +179,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
         raise configlib.ConfigError("mesh_shape", f"a mesh of the slice's {num_devices} devices",
                                     f"{tuple(config.mesh_shape)} ({e})") from e
     data_shards = shape[0] * shape[1]
-    if config.data.batch_size % data_shards:
-        raise configlib.ConfigError("data.batch_size", f"a multiple of the data x fsdp mesh size ({data_shards})",
-                                    config.data.batch_size)
+    configlib.check_batch_fits_mesh(config, data_shards)
     return shape
 
 
@@ -220,7 +218,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices) -> dict:
     times.append(time.perf_counter())
     in_shardings = jax.tree.map(lambda x: x.sharding, (state, batch, rng))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        step = jax.jit(make_train_step(model, optimizer, config.loss), in_shardings=in_shardings,
+        step = jax.jit(make_train_step(model, optimizer, config.loss, config.train.microbatches), in_shardings=in_shardings,
                        out_shardings=(in_shardings[0], None), donate_argnums=0)
         lowered = step.lower(state, batch, rng)
     times.append(time.perf_counter())
@@ -250,6 +248,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices) -> dict:
         "devices": len(devices),
         "mesh": dict(mesh.shape),
         "batch_size": config.data.batch_size,
+        "microbatches": config.train.microbatches,
         "num_frames": config.data.num_frames,
         "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
         "fits": error is None,
@@ -269,9 +268,11 @@ def format_report(report: dict, config_name: str, source: str) -> str:
     m, s = report["memory_per_device"], report["from_shardings"]
     unit = "chip" if report["platform"] == "tpu" else "device"
     batch, data = report["batch_size"], report["mesh"]["data"] * report["mesh"]["fsdp"]
+    micro = report.get("microbatches", 1)
+    slices = f", in {micro} microbatches of {batch // micro // data}" if micro > 1 else ""
     lines = [
         (f"AOT train step: {config_name}  ({report['params']:,} params, {report['num_frames']} frames, "
-         f"batch {batch} = {batch // data} clips per data shard)"),
+         f"batch {batch} = {batch // data} clips per data shard{slices})"),
         f"compiled for: {source}",
         "mesh: " + "  ".join(f"{k}={v}" for k, v in report["mesh"].items()) + f"  ({report['devices']} {unit}s)",
     ]

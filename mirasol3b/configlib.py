@@ -158,6 +158,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         num_steps=200, learning_rate=1e-3, warmup_steps=20, end_learning_rate_fraction=0.1,
         weight_decay=0.01, grad_clip_norm=1.0, adam_b1=0.9, adam_b2=0.98, log_every=10,
+        # Gradient accumulation: each batch runs as this many slices, one after another, whose
+        # gradients are summed before the one update. Same update (see train/step.py's make_grad_fn
+        # for the one exception), activation memory of batch_size / microbatches examples.
+        microbatches=1,
         # A jax.profiler trace of steps profile_from_step+1 .. profile_from_step+profile_steps into
         # WORKDIR/tensorboard (TensorBoard's Profile tab); 0 steps: none. Past the compile by default.
         profile_steps=0, profile_from_step=10))
@@ -343,6 +347,7 @@ RULES: dict[str, Callable] = {
     "train.adam_b1": _number(0.0, 1.0),
     "train.adam_b2": _number(0.0, 1.0),
     "train.log_every": _pos_int,
+    "train.microbatches": _pos_int,
     "train.profile_steps": _nonneg_int,
     "train.profile_from_step": _nonneg_int,
     "eval.max_new_tokens": _pos_int,
@@ -470,10 +475,24 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "'per_modality' is the Transformer Combiner's)", m.combiner_readout)
     _require(config.data.text_length <= m.text_decoder.max_length, "data.text_length",
              f"<= model.text_decoder.max_length ({m.text_decoder.max_length})", config.data.text_length)
+    _require(config.data.batch_size % config.train.microbatches == 0, "train.microbatches",
+             f"a divisor of data.batch_size ({config.data.batch_size})", config.train.microbatches)
     # The cosine decay needs at least one step after the warm-up (optax refuses zero decay steps).
     _require(config.train.warmup_steps < config.train.num_steps, "train.warmup_steps",
              f"< train.num_steps ({config.train.num_steps}); lower it for a short run", config.train.warmup_steps)
     return config
+
+
+def check_batch_fits_mesh(config: ml_collections.ConfigDict, data_shards: int) -> None:
+    """The batch, and each of its `train.microbatches` slices, split evenly over `data_shards`
+    (the mesh's data x fsdp size)."""
+    batch, micro = config.data.batch_size, config.train.microbatches
+    if batch % data_shards:
+        raise ConfigError("data.batch_size", f"a multiple of the data x fsdp mesh size ({data_shards})", batch)
+    if batch // micro % data_shards:
+        raise ConfigError("train.microbatches", f"a divisor of data.batch_size / {data_shards} (the data x fsdp mesh "
+                          f"size), so every microbatch spreads over the mesh ({batch // data_shards} examples a shard)",
+                          micro)
 
 
 def validate_eval(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -204,7 +204,7 @@ def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, float]:
     times = [time.perf_counter()]
     model, optimizer, state = _state(config)
     times.append(time.perf_counter())
-    step = make_train_step(model, optimizer, config.loss)
+    step = make_train_step(model, optimizer, config.loss)  # one pass: microbatches split the work, not add to it
     rng = jax.eval_shape(lambda: jax.random.key(0))
     lowered = jax.jit(step).lower(state, example_batch(config, config.data.batch_size), rng)
     times.append(time.perf_counter())

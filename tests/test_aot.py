@@ -90,6 +90,10 @@ def test_config_errors_fail_before_compiling():
     cfg.data.num_frames = 7  # not a whole number of snippets
     with pytest.raises(configlib.ConfigError):
         aot.check_config(cfg, 8)
+    cfg = _config(16)
+    cfg.train.microbatches = 4  # slices of 4 clips over data x fsdp = 8
+    with pytest.raises(configlib.ConfigError, match="config.train.microbatches"):
+        aot.check_config(cfg, 8)
     assert aot.check_config(_config(), 8) == (2, 4, 1)
 
 
@@ -134,6 +138,9 @@ def test_report_is_one_block_and_one_json_line(cpu_reports):
     report = cpu_reports[8]
     text = aot.format_report(report, "configs/tiny.py", "CPU ESTIMATE")
     assert "mesh: data=2  fsdp=4  tensor=1  (8 devices)" in text
+    assert "batch 8 = 1 clips per data shard)" in text
+    sliced = aot.format_report(dict(cpu_reports[16], microbatches=2), "configs/tiny.py", "CPU ESTIMATE")
+    assert "batch 16 = 2 clips per data shard, in 2 microbatches of 1)" in sliced
     for row in ("arguments", "outputs", "aliased", "temporaries", "generated code", "total"):
         assert f"  {row} " in text
     line = aot.json_line(report, "configs/tiny.py", "CPU ESTIMATE")

@@ -566,6 +566,40 @@ def test_sharded_loss_and_gradients_equal_single_device(mesh_shape):
     chex.assert_trees_all_close(jax.device_get(s_grads), grads, rtol=SHARDED_RTOL, atol=SHARDED_ATOL)
 
 
+def test_microbatches_give_the_batch_gradients_in_less_memory_on_a_sharded_mesh():
+    """Gradient accumulation: two slices of the batch, summed, are one pass over it (the MSE latent
+    loss: the contrastive one takes negatives from its slice), though the slices score different
+    numbers of text tokens and snippet pairs; and the step needs less temporary memory."""
+    cfg, model, batch, boxed = _sharding_setup()
+    loss_config = copy.deepcopy(cfg.loss)
+    loss_config.latent_loss = "mse"
+    weights, mask = np.array(batch["text_loss_weights"]), np.ones((TRAIN_BATCH, T), bool)
+    weights[1::2, :6] = 0.0  # odd examples (slice 1) score 2 tokens, even ones 5
+    mask[1::2, 2:] = False  # and 1 snippet pair, even ones 3
+    batch = dict(batch, text_loss_weights=jnp.asarray(weights), media_mask=jnp.asarray(mask))
+    params = numpy_params(boxed, seed=7)
+    mesh = sharding.make_mesh((2, 2, 2))
+    param_shardings = sharding.logical_sharding(nn.get_partition_spec(boxed), mesh)
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    params, batch = jax.device_put(params, param_shardings), jax.device_put(batch, batch_shardings)
+    results, temp_bytes = {}, {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        for k in (1, 2):
+            fn = jax.jit(train_step.make_grad_fn(model, loss_config, microbatches=k),
+                         in_shardings=(param_shardings, batch_shardings, None, None),
+                         out_shardings=(None, param_shardings))
+            compiled = fn.lower(params, batch, jax.random.key(0), 0).compile()
+            temp_bytes[k] = compiled.memory_analysis().temp_size_in_bytes
+            results[k] = jax.device_get(compiled(params, batch, jax.random.key(0), 0))
+    (metrics, grads), (micro_metrics, micro_grads) = results[1], results[2]
+    assert set(micro_metrics) == set(metrics)
+    for key in metrics:
+        np.testing.assert_allclose(micro_metrics[key], metrics[key], rtol=SHARDED_RTOL, err_msg=key)
+    assert metrics["scored_tokens"] == 4 * 5 + 4 * 2
+    chex.assert_trees_all_close(micro_grads, grads, rtol=SHARDED_RTOL, atol=SHARDED_ATOL)
+    assert temp_bytes[2] < 0.8 * temp_bytes[1], temp_bytes
+
+
 # ---- config validation ------------------------------------------------------------------------
 
 def _set(path, value):
@@ -610,6 +644,7 @@ BAD_CONFIGS = {
     "per_modality_readout_with_ttm": (_set("model.combiner", "ttm"), "model.combiner_readout"),  # tiny: per_modality
     # tiny warms up for 100 steps: a 100-step run would leave the cosine decay no step (optax refuses).
     "all_warmup": (_set("train.num_steps", 100), "train.warmup_steps"),
+    "microbatches_not_dividing_batch": (_set("train.microbatches", 3), "train.microbatches"),  # tiny: batch 32
 }
 
 
@@ -621,6 +656,16 @@ def test_bad_config_names_the_field(case):
     with pytest.raises(configlib.ConfigError, match=f"config\\.{field}\\b") as err:
         configlib.validate(cfg)
     assert err.value.field == field
+
+
+def test_every_microbatch_must_split_over_the_data_shards():
+    cfg = tiny.get_config()
+    cfg.train.microbatches = 2
+    configlib.check_batch_fits_mesh(cfg, 16)  # tiny's 32 clips: slices of 16, one clip a shard
+    with pytest.raises(configlib.ConfigError, match=r"config\.train\.microbatches\b.*data\.batch_size / 32"):
+        configlib.check_batch_fits_mesh(cfg, 32)
+    with pytest.raises(configlib.ConfigError, match=r"config\.data\.batch_size\b"):
+        configlib.check_batch_fits_mesh(cfg, 3)
 
 
 def test_parse_arg_rejects_unknown_variants():

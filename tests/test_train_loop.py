@@ -167,6 +167,16 @@ def test_a_contrastive_loss_without_negatives_is_noted():
     assert "no negatives, so it is 0" in note
     cfg.loss.latent_negatives = "snippets"
     assert loop.config_notes(cfg) == []
+    cfg.data.batch_size, cfg.train.microbatches, cfg.loss.latent_negatives = 8, 8, "examples"
+    (note,) = loop.config_notes(cfg)  # negatives come from the microbatch
+    assert "1 example per microbatch" in note
+
+
+def test_microbatches_that_do_not_split_over_the_mesh_stop_before_compiling(tmp_path):
+    cfg = _config(2)
+    cfg.train.microbatches = 2  # 4 clips a slice over the 2 x 4 data shards
+    with pytest.raises(configlib.ConfigError, match=r"train\.microbatches.*data\.batch_size / 8.*got 2"):
+        loop.train(cfg, str(tmp_path / "run"), data_iter=RandomBatches(cfg, cfg.data.batch_size))
 
 
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):

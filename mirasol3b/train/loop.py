@@ -240,9 +240,12 @@ def _note_schedule_change(config: ml_collections.ConfigDict, saved: dict | None,
 def config_notes(config: ml_collections.ConfigDict) -> list[str]:
     """Valid settings that train less than they seem to (printed at the start of a run)."""
     loss, notes = config.loss, []
-    if (config.data.batch_size == 1 and loss.latent_loss == "contrastive" and loss.latent_negatives == "examples"
-            and loss.latent_loss_weight > 0):
-        notes.append("loss.latent_negatives='examples' with data.batch_size 1: the contrastive latent loss has "
+    # Negatives come from the microbatch (train/step.py's make_grad_fn), the whole batch when 1.
+    if (config.data.batch_size // config.train.microbatches == 1 and loss.latent_loss == "contrastive"
+            and loss.latent_negatives == "examples" and loss.latent_loss_weight > 0):
+        size = ("data.batch_size 1" if config.train.microbatches == 1 else
+                "1 example per microbatch (data.batch_size / train.microbatches)")
+        notes.append(f"loss.latent_negatives='examples' with {size}: the contrastive latent loss has "
                      "no negatives, so it is 0 and trains nothing; loss.latent_negatives='snippets' takes them "
                      "from the clip's other snippets")
     return notes
@@ -270,9 +273,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
         raise configlib.ConfigError("mesh_shape", f"a shape for the {jax.device_count()} devices here ({e})",
                                     tuple(config.mesh_shape)) from e
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.data.batch_size % data_shards:
-        raise configlib.ConfigError("data.batch_size", f"a multiple of the data x fsdp mesh size ({data_shards})",
-                                    config.data.batch_size)
+    configlib.check_batch_fits_mesh(config, data_shards)
     if data_iter is None:
         from data import pipeline  # TensorFlow and SeqIO load only when the pipeline is used
         configlib.import_task_modules(config)
@@ -307,7 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
     last: dict = {}
     eval_every = config.eval.every_steps
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES), ckpt.PreemptionGuard() as guard:
-        step_fn = jax.jit(make_train_step(model, optimizer, config.loss),
+        step_fn = jax.jit(make_train_step(model, optimizer, config.loss, config.train.microbatches),
                           in_shardings=(shardings, batch_shardings, None),
                           out_shardings=(shardings, None), donate_argnums=0)
         rng = jax.random.key(config.seed + 1)

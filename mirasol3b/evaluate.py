@@ -191,7 +191,12 @@ def evaluate(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh 
     decode = decode or decode_config(config)
     metrics = score(predict(config, params, mesh, split=split, max_batches=max_batches, decode=decode))
     return {"split": split, **({"max_batches": max_batches} if max_batches else {}),
-            "decode": decode_settings(decode, config.seed), **metrics}
+            "decode": decode_settings(decode, config.seed), "numerics": numerics(config), **metrics}
+
+
+def numerics(config: ml_collections.ConfigDict) -> dict:
+    """The dtypes answers were computed in (an evaluation may use other ones than training)."""
+    return {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
 
 
 def decode_settings(decode: decoding.DecodeConfig, seed: int) -> dict:
@@ -268,12 +273,15 @@ def check_config_matches_checkpoint(config: ml_collections.ConfigDict, workdir: 
             "own, give the training run's overrides too, or pass --noconfig_check to use these values on purpose.")
 
 
-def write_metrics(workdir: epath.PathLike, metrics: dict) -> epath.Path:
+def write_metrics(workdir: epath.PathLike, metrics: dict, trained_numerics: dict | None = None) -> epath.Path:
     """`metrics` (with its `step` and `split`) as one JSON line in `workdir/eval_<split>_step<N>.json`;
-    answers generated otherwise than greedily add `_beam<K>` or `_sample` to the name, and a
-    partial evaluation (`max_batches` K) `_first<K>batches`, so neither replaces training's own."""
+    answers generated otherwise than greedily add `_beam<K>` or `_sample` to the name, dtypes other
+    than `trained_numerics` (the training run's `numerics`) `_<field>-<dtype>`, and a partial
+    evaluation (`max_batches` K) `_first<K>batches`, so none replaces training's own."""
     decode = metrics.get("decode") or {}
     how = {"beam": f"_beam{decode.get('beam_size')}", "sample": "_sample"}.get(decode.get("method"), "")
+    here, trained = metrics.get("numerics") or {}, trained_numerics or {}
+    how += "".join(f"_{k}-{v}" for k, v in here.items() if k in trained and trained[k] != v)
     partial = f"_first{metrics['max_batches']}batches" if metrics.get("max_batches") else ""
     path = epath.Path(workdir) / f"eval_{metrics['split']}_step{metrics['step']}{how}{partial}.json"
     path.write_text(json.dumps(metrics) + "\n")
@@ -332,6 +340,8 @@ def main(argv, flag_values) -> None:
         pipeline.check_eval_split(config)  # a wrong split or an unbuilt dataset: before the checkpoint is read
         mesh = sharding.make_mesh(config.mesh_shape)
         step, params = restore_params(config, workdir, mesh)
+        saved, _ = _stored_config(workdir)  # its dtypes name an evaluation in others apart
+        trained = numerics(configlib.from_saved(saved)) if saved is not None else None
     except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError,
             distributed.NotSharedError) as e:
         sys.exit(f"error: {e}")
@@ -340,7 +350,7 @@ def main(argv, flag_values) -> None:
     if jax.process_index() == 0:
         line = json.dumps(metrics)
         print(line, flush=True)
-        write_metrics(workdir, metrics)
+        write_metrics(workdir, metrics, trained)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,13 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
     for decode, name in ((beam, "eval_validation_step5_beam3.json"), (sample, "eval_validation_step5_sample.json")):
         written = evaluate.write_metrics(str(tmp_path), {"step": 5, "split": "validation", "decode": decode})
         assert written.name == name and json.loads(written.read_text())["decode"] == decode
+    # Other dtypes than training's are named too: a bf16 evaluation does not replace the f32 one.
+    assert metrics["numerics"] == {"dtype": "float32", "param_dtype": "float32"}
+    f32 = {"step": 5, "split": "validation", "numerics": metrics["numerics"]}
+    assert evaluate.write_metrics(str(tmp_path), f32, metrics["numerics"]).name == "eval_validation_step5.json"
+    bf16 = dict(f32, numerics={"dtype": "bfloat16", "param_dtype": "float32"})
+    written = evaluate.write_metrics(str(tmp_path), bf16, metrics["numerics"])
+    assert written.name == "eval_validation_step5_dtype-bfloat16.json"
     assert all(isinstance(s["prediction"], str) for s in metrics["samples"])
 
     clip = str(tmp_path / "clip.mp4")

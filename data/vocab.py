@@ -10,10 +10,9 @@ Ids (both vocabularies seqio offers here keep them):
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 import seqio
+from etils import epath
 
 PAD_ID = 0
 EOS_ID = 1
@@ -27,9 +26,9 @@ def get_vocabulary(config: ml_collections.ConfigDict) -> seqio.Vocabulary:
     """
     path = config.data.vocab_path
     if path:
-        if not os.path.exists(path):
+        if not epath.Path(path).exists():  # epath: a gs:// path too (seqio reads it with tf.io.gfile)
             raise FileNotFoundError(f"config.data.vocab_path: no SentencePiece model at {path!r}; set it to an "
-                                    "existing .model file, or to "" for the byte vocabulary")
+                                    "existing .model file, or to '' for the byte vocabulary")
         vocab = seqio.SentencePieceVocabulary(path)
     else:
         vocab = seqio.ByteVocabulary()

@@ -9,13 +9,16 @@ Everything above those doors runs as it would against a bucket: our code, Orbax'
 (commit-file atomicity instead of rename, GCS deletion), and the `gs://` strings in between.
 Not covered (needs a real bucket): tf.io.gfile's and TensorStore's GCS clients themselves
 (credentials, retries, append and listing semantics of objects), and Orbax's hierarchical-namespace
-check, which imports google-cloud-storage (replaced here by "not HNS"; the pinned set lacks that
-package, so a real `gs://` workdir needs `pip install google-cloud-storage`: see the last test).
+check, which imports google-cloud-storage (replaced here by "not HNS"; requirements.txt pins that
+package, which a real `gs://` workdir needs; the last test, skipped where it is installed, checks the
+message a setup without it gets).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -28,8 +31,10 @@ from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 from orbax.checkpoint._src.path import gcs_utils
+from seqio import vocabularies
 
 from configs import tiny
+from data import vocab
 from data.builders import report
 from mirasol3b import configlib, evaluate
 from mirasol3b.train import checkpoints as ckpt
@@ -173,6 +178,28 @@ def test_build_report_in_a_gs_data_dir(fake_bucket):
     rows = (fake_bucket / "bucket" / "tfds" / "local_media" / "tiny" / "skipped.jsonl").read_text().splitlines()
     assert [json.loads(r)["file"] for r in rows] == ["a.mp4", "b.mp4"]
     assert build.summary().endswith("report: gs://bucket/tfds/local_media/tiny/skipped.jsonl")
+
+
+def test_a_sentencepiece_vocabulary_in_the_bucket(fake_bucket, monkeypatch):
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["what colour is the square", "which tone is higher",
+                                                           "is the circle red or blue"] * 20),
+                                   model_writer=model, vocab_size=40, hard_vocab_limit=False,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    (fake_bucket / "bucket").mkdir()
+    (fake_bucket / "bucket" / "spm.model").write_bytes(model.getvalue())
+    gfile = vocabularies.tf.io.gfile  # what seqio reads the model with: there, the bucket is this folder
+    monkeypatch.setattr(gfile, "GFile", functools.partial(
+        lambda open_file, path, *args: open_file(path.replace("gs://", f"{fake_bucket}/"), *args), gfile.GFile))
+    cfg = tiny.get_config()
+    cfg.data.vocab_path = "gs://bucket/spm.model"
+    words = vocab.get_vocabulary(cfg).encode("is the square red")
+    assert 0 < len(words) < len("is the square red")
+    cfg.data.vocab_path = "gs://bucket/none.model"
+    with pytest.raises(FileNotFoundError, match=r"vocab_path: no SentencePiece model at 'gs://bucket/none\.model'"):
+        vocab.get_vocabulary(cfg)
 
 
 def test_evaluate_cli_starts_distributed_like_main():

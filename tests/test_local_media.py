@@ -252,6 +252,14 @@ def test_a_split_name_a_letter_off_a_standard_one_is_a_bad_line():
         assert readers.check_record({"video": "a.mp4", "caption": "x", "split": name}).split == split
 
 
+def test_a_manual_dir_in_a_bucket_is_refused_saying_what_to_do(tmp_path):
+    builder = local_media.Builder(config="tiny", data_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"manual dir gs://bucket/media is not a local folder.*gcloud storage cp -r "
+                                         r"gs://bucket/media MEDIA.*--data_dir.*may be gs://"):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir="gs://bucket/media"))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.tfrecord*"))
+
+
 def test_a_rebuild_over_changed_annotations_or_media_fails_until_overwrite(media, tmp_path, monkeypatch):
     """The manual dir's annotations and listed media are part of what a build is: reusing a dataset built
     from other ones fails (it used to reuse it silently); an unchanged manual dir is reused without a look

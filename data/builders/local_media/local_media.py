@@ -131,6 +131,8 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
     def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
         """TFDS's, after `_check_manual_dir` when TFDS would reuse an existing dataset."""
         mode = (download_config or tfds.download.DownloadConfig()).download_mode
+        if download_config and download_config.manual_dir:
+            _local_manual_dir(download_config.manual_dir)  # before TFDS looks for it in the bucket
         if (not mode.overwrite_dataset and mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO
                 and self.data_path.exists()):
             self._check_manual_dir(download_dir, download_config)
@@ -140,8 +142,10 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
         """Raises `ManualDirChangedError` if the manual dir (TFDS's default one when none is given)
         holds annotations whose fingerprint is not the existing dataset's."""
         given = download_config.manual_dir if download_config else None
-        manual_dir = Path(os.path.expanduser(os.fspath(
-            given or Path(download_dir or os.fspath(self.data_dir_root / "downloads")) / "manual")))
+        if not given and "://" in os.fspath(download_dir or self.data_dir_root):
+            return  # TFDS's default manual dir inside a bucket: no clips could be there to compare
+        manual_dir = _local_manual_dir(given or Path(download_dir or os.fspath(self.data_dir_root / "downloads"))
+                                       / "manual")
         try:
             _, now = _read(self.builder_config.source, manual_dir)
         except NoAnnotationsError:  # nothing there to compare (a missing companion file is an error)
@@ -167,7 +171,7 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
                 f"one elsewhere with another --data_dir.")
 
     def _split_generators(self, dl_manager):
-        manual_dir = Path(dl_manager.manual_dir)
+        manual_dir = _local_manual_dir(dl_manager.manual_dir)
         records, fingerprint = _read(self.builder_config.source, manual_dir)
         splits = collections.defaultdict(list)
         for annotation, line, checked, default_split in records:
@@ -190,6 +194,17 @@ class ManualDirChangedError(RuntimeError):
 
 class NoAnnotationsError(FileNotFoundError):
     """The manual dir holds none of the source's annotation files."""
+
+
+def _local_manual_dir(path) -> Path:
+    """The manual dir as a local path; one in a bucket is refused (PyAV opens clips by local path, and
+    pathlib would turn `gs://b` into `gs:/b`)."""
+    path = os.fspath(path)
+    if "://" in path:
+        raise ValueError(f"the manual dir {path} is not a local folder: the clips are decoded from local files. Copy "
+                         f"it first (`gcloud storage cp -r {path} MEDIA`) and pass --manual_dir=MEDIA; --data_dir, "
+                         "where the dataset is written, may be gs://")
+    return Path(os.path.expanduser(path))
 
 
 def _annotation_files(source: str, manual_dir: Path):

@@ -159,8 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_steps=200, learning_rate=1e-3, warmup_steps=20, end_learning_rate_fraction=0.1,
         weight_decay=0.01, grad_clip_norm=1.0, adam_b1=0.9, adam_b2=0.98, log_every=10,
         # Gradient accumulation: each batch runs as this many slices, one after another, whose
-        # gradients are summed before the one update. Same update (see train/step.py's make_grad_fn
-        # for the one exception), activation memory of batch_size / microbatches examples.
+        # gradients are summed before the one update: activation memory of batch_size / microbatches
+        # clips; the same update but for the contrastive latent loss's negatives, which come from
+        # the slice (train/step.py's make_grad_fn).
         microbatches=1,
         # A jax.profiler trace of steps profile_from_step+1 .. profile_from_step+profile_steps into
         # WORKDIR/tensorboard (TensorBoard's Profile tab); 0 steps: none. Past the compile by default.

@@ -79,10 +79,13 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:  # a run that died after logging step 6
         f.write(json.dumps({"step": 6, "split": "train", "loss": 1.0}) + '\n{"step": 8, "spl')  # ...while writing
     cfg = _config(6)
+    cfg.train.update(profile_from_step=2, profile_steps=1)  # step 3 is behind this run: said, not traced
     data = RandomBatches(cfg, cfg.data.batch_size)
     loop.train(cfg, workdir, data_iter=data)
     out = capsys.readouterr().out
     assert "resumed from step 4" in out and "dropped 2 lines of steps after 4" in out
+    assert "note: no profile: train.profile_steps asks for steps 3-3 and this run starts after step 4" in out
+    assert glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*", "*.xplane.pb")) == [trace]
     # The cosine spans num_steps: raising it moves the rate at the resumed step, and the run says so.
     assert "learning-rate schedule is not the checkpoint's run's (train.num_steps 4 -> 6): at step 4" in out
     assert data.position == 6, "the data position was restored with the state"
@@ -170,6 +173,9 @@ def test_a_contrastive_loss_without_negatives_is_noted():
     cfg.data.batch_size, cfg.train.microbatches, cfg.loss.latent_negatives = 8, 8, "examples"
     (note,) = loop.config_notes(cfg)  # negatives come from the microbatch
     assert "1 example per microbatch" in note
+    cfg.train.microbatches = 2
+    (note,) = loop.config_notes(cfg)
+    assert "negatives from each microbatch of 4 clips, not from the batch of 8" in note
 
 
 def test_microbatches_that_do_not_split_over_the_mesh_stop_before_compiling(tmp_path):
@@ -199,6 +205,7 @@ def test_infinite_gradient_norm_stops_before_that_step_is_saved(tmp_path, monkey
         def train_step(state, batch, rng):
             state, metrics = step_fn(state, batch, rng)
             metrics["grad_norm"] = jnp.where(state.step == 4, jnp.inf, metrics["grad_norm"])
+            metrics["step_done"] = state.step.astype(jnp.float32)  # 1, 2, ...: its logged mean tells the window
             return state, metrics
         return train_step
 
@@ -208,6 +215,13 @@ def test_infinite_gradient_norm_stops_before_that_step_is_saved(tmp_path, monkey
     with pytest.raises(loop.NonFiniteLossError, match=r"loss is [0-9.]+ \(gradient norm inf\) at step 4\b.*step 2"):
         loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
     assert ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps() == [2]
+    # The line of step 2 (log_every 2): means over steps 1-2, the rate of update 2, and the speed of
+    # the timed steps (step 1 compiles: none of them at step 2).
+    (line,) = [json.loads(row) for row in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert line["step"] == 2 and line["step_done"] == 1.5
+    assert line["learning_rate"] == pytest.approx(float(loop.learning_rate_schedule(cfg.train)(1)))
+    assert line["learning_rate"] != pytest.approx(float(loop.learning_rate_schedule(cfg.train)(2)))
+    assert line["steps_per_second"] > 0
 
 
 def test_sigterm_saves_its_step_and_exits_143_or_says_it_could_not_save(tmp_path, capsys):

@@ -241,13 +241,18 @@ def config_notes(config: ml_collections.ConfigDict) -> list[str]:
     """Valid settings that train less than they seem to (printed at the start of a run)."""
     loss, notes = config.loss, []
     # Negatives come from the microbatch (train/step.py's make_grad_fn), the whole batch when 1.
-    if (config.data.batch_size // config.train.microbatches == 1 and loss.latent_loss == "contrastive"
-            and loss.latent_negatives == "examples" and loss.latent_loss_weight > 0):
-        size = ("data.batch_size 1" if config.train.microbatches == 1 else
-                "1 example per microbatch (data.batch_size / train.microbatches)")
-        notes.append(f"loss.latent_negatives='examples' with {size}: the contrastive latent loss has "
-                     "no negatives, so it is 0 and trains nothing; loss.latent_negatives='snippets' takes them "
-                     "from the clip's other snippets")
+    batch, micro = config.data.batch_size, config.train.microbatches
+    if loss.latent_loss == "contrastive" and loss.latent_loss_weight > 0:
+        if batch // micro == 1 and loss.latent_negatives == "examples":
+            size = ("data.batch_size 1" if micro == 1 else
+                    "1 example per microbatch (data.batch_size / train.microbatches)")
+            notes.append(f"loss.latent_negatives='examples' with {size}: the contrastive latent loss has "
+                         "no negatives, so it is 0 and trains nothing; loss.latent_negatives='snippets' takes them "
+                         "from the clip's other snippets")
+        elif micro > 1:
+            notes.append(f"train.microbatches {micro}: the contrastive latent loss takes its negatives from each "
+                         f"microbatch of {batch // micro} clips, not from the batch of {batch}: a lower loss than "
+                         "one pass, and an easier task; the text loss and the rest of the update are the batch's")
     return notes
 
 
@@ -312,34 +317,45 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
                           in_shardings=(shardings, batch_shardings, None),
                           out_shardings=(shardings, None), donate_argnums=0)
         rng = jax.random.key(config.seed + 1)
+        schedule = learning_rate_schedule(config.train)
+        # Logged: each metric's mean over the steps since the last log line (`window`), the rate of
+        # the update that ended it, and the speed over those steps (not the compile, not evaluations).
+        window: list[dict] = []
         t0, timed_from = time.time(), start_step
-        profiler = _StepProfiler(config.train, log.tensorboard_dir)
+        profiler = _StepProfiler(config.train, log.tensorboard_dir, start_step)
         try:
             for step in range(start_step, num_steps):
                 batch = global_batch(model_batch(next(data_iter), config), mesh)
                 done = step + 1
                 profiler.before(done)
-                with jax.profiler.StepTraceAnnotation("train", step_num=done):
+                with jax.profiler.StepTraceAnnotation("train", step_num=done):  # to the step's results
                     state, metrics = step_fn(state, batch, rng)
-                # Two scalars a step: a NaN is caught at the step it appears, and a finite loss with
-                # infinite gradients (which clipping turns into NaN params) before its state is saved.
-                loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
+                    # Two scalars a step: a NaN is caught at the step it appears, and a finite loss with
+                    # infinite gradients (which clipping turns into NaN params) before its state is saved.
+                    loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
                 profiler.after(done)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise NonFiniteLossError(
                         f"loss is {loss} (gradient norm {grad_norm}) at step {done}; stopping. The last good "
                         f"checkpoint is kept (step {checkpointer.latest_step()} in {checkpointer.directory}).")
+                window.append(metrics)
                 if step == start_step:  # the first step compiles; time the rest
                     t0, timed_from = time.time(), done
                 if done % config.train.log_every == 0 or done == num_steps:
-                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    rate = (done - timed_from) / max(time.time() - t0, 1e-9)
-                    speed = (f"{rate:.2f} steps/s  ETA {_format_eta((num_steps - done) / rate)}"
-                             if done > timed_from else "(compiled)")
+                    steps = jax.device_get(window)
+                    last = {k: float(np.mean([m[k] for m in steps])) for k in steps[0]}
+                    last["learning_rate"] = float(schedule(done - 1))  # optax counts updates from 0
+                    window = []
+                    if done > timed_from:
+                        last["steps_per_second"] = rate = (done - timed_from) / max(time.time() - t0, 1e-9)
+                        speed = f"{rate:.2f} steps/s  ETA {_format_eta((num_steps - done) / rate)}"
+                    else:
+                        speed = "(compiled)"
                     print(f"step {done}/{num_steps}  loss {last['loss']:.4f}  text {last['text_loss']:.4f}  "
-                          f"latent {last['latent_loss']:.4f}  tok_acc {last['token_accuracy']:.3f}  {speed}",
-                          flush=True)
-                    log.write(done, {**last, "steps_per_second": rate})
+                          f"latent {last['latent_loss']:.4f}  tok_acc {last['token_accuracy']:.3f}  "
+                          f"lr {last['learning_rate']:.3g}  {speed}", flush=True)
+                    log.write(done, last)
+                    t0, timed_from = time.time(), done
                 checkpointer.maybe_save(done, state, data_iter.get_state(), config, force=done == num_steps)
                 if guard.should_stop(done):
                     saved = checkpointer.maybe_save(done, state, data_iter.get_state(), config, force=True)
@@ -351,7 +367,9 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
                     checkpointer.close()
                     sys.exit(guard.exit_code)
                 if evaluate_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
+                    paused = time.time()
                     _evaluate(evaluate_fn, config, state.params, mesh, log, done)
+                    t0 += time.time() - paused  # the speed is training's
         finally:
             profiler.stop()
             checkpointer.wait()
@@ -364,9 +382,14 @@ class _StepProfiler:
     """Traces steps `profile_from_step + 1 .. profile_from_step + profile_steps` (those this run
     reaches) with `jax.profiler` into `log_dir`, beside the metrics, for TensorBoard's Profile tab."""
 
-    def __init__(self, train: ml_collections.ConfigDict, log_dir: epath.Path):
+    def __init__(self, train: ml_collections.ConfigDict, log_dir: epath.Path, start_step: int = 0):
         self.first, self.last = train.profile_from_step + 1, train.profile_from_step + train.profile_steps
         self.log_dir, self.active, self.steps = log_dir, False, []
+        if train.profile_steps and start_step >= self.first:  # a resumed run: its first step compiles
+            print(f"note: no profile: train.profile_steps asks for steps {self.first}-{self.last} and this run "
+                  f"starts after step {start_step}; set train.profile_from_step to {start_step + 10} or more to "
+                  "trace this run (past its compile)", flush=True)
+            self.first = self.last + 1
 
     def before(self, step: int) -> None:
         if not self.active and self.first <= step <= self.last:

@@ -55,8 +55,8 @@ def make_grad_fn(model: nn.Module, loss_config: ml_collections.ConfigDict, micro
 
     With `microbatches` > 1 the batch runs as that many slices in a `lax.scan` that sums their
     gradients: activation memory of one slice, the same result as one pass up to float rounding,
-    except that the contrastive latent loss with `latent_negatives='examples'` takes its negatives
-    from the slice (batch_size / microbatches examples), not from the whole batch. Slice i holds
+    except that the contrastive latent loss (either `latent_negatives`) takes its negatives from
+    the slice (batch_size / microbatches clips), not from the whole batch. Slice i holds
     examples i, i + microbatches, ...: on a batch sharded over its first axis each device keeps
     its own rows, so slicing moves no data.
     """

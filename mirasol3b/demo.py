@@ -26,10 +26,8 @@ def _define_flags():
             flags.DEFINE_string("workdir", "runs/demo", "Where everything is written."))
 
 
-def build_dataset(config) -> None:
-    """Builds the synthetic_avqa config that `config.data.task` (synthetic_avqa_NAME) reads."""
-    import tensorflow_datasets as tfds
-
+def _builder(config):
+    """The synthetic_avqa builder of the config that `config.data.task` (synthetic_avqa_NAME) reads."""
     from data import tasks
     from data.builders.synthetic_avqa import synthetic_avqa
 
@@ -37,8 +35,15 @@ def build_dataset(config) -> None:
     if config.data.task not in names:
         raise app.UsageError(f"the demo trains on synthetic_avqa: config.data.task must be one of {sorted(names)}, "
                              f"got {config.data.task!r} (train on other tasks with mirasol3b.main)")
-    name = names[config.data.task]
-    builder = synthetic_avqa.Builder(config=name, data_dir=config.data.tfds_data_dir)
+    return synthetic_avqa.Builder(config=names[config.data.task], data_dir=config.data.tfds_data_dir)
+
+
+def build_dataset(config) -> None:
+    """Builds the synthetic_avqa config that `config.data.task` (synthetic_avqa_NAME) reads."""
+    import tensorflow_datasets as tfds
+
+    builder = _builder(config)
+    name = builder.builder_config.name
     if builder.is_prepared():
         print(f"dataset: {builder.data_dir} (already built)", flush=True)
         return
@@ -58,10 +63,10 @@ def answer_example_clip(config, workdir: str) -> dict:
     from mirasol3b.answer import answer
 
     spec = MediaSpec.from_config(config)
-    qa, frames, audio = synthetic.generate_example(config.seed, "test", 0, spec.max_snippets)
+    built = _builder(config).builder_config  # its seed drew the split, whatever config.seed trains with
+    qa, frames, audio = synthetic.generate_example(built.seed, "test", 0, spec.max_snippets, built.source)
     path = os.path.join(workdir, "example_clip.mp4")
-    source = synthetic.SourceSpec()
-    write_clip(path, frames, source.fps, audio, source.sample_rate)
+    write_clip(path, frames, built.source.fps, audio, built.source.sample_rate)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     _, params = evaluate.restore_params(config, workdir, mesh)
     predicted = answer(config, params, path, qa.question, mesh=mesh)
@@ -76,6 +81,10 @@ def main(argv, flag_values) -> None:
 
     config_flag, workdir_flag = flag_values
     config, workdir = config_flag.value, workdir_flag.value
+    if "://" in workdir:
+        raise app.UsageError(f"--workdir={workdir}: the demo runs on this machine (it builds its dataset in the "
+                             "workdir and writes a clip there with ffmpeg); give a local folder. Runs in a bucket: "
+                             "mirasol3b.main")
     if not config.data.tfds_data_dir:
         with config.unlocked():
             config.data.tfds_data_dir = os.path.abspath(os.path.join(workdir, "tfds"))

@@ -12,12 +12,14 @@ import pytest
 from absl import app
 
 from configs import tiny
+from data import synthetic
 from mirasol3b import configlib, demo
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--config=configs/tiny.py", "--config.data.task=synthetic_avqa_tiny_smoke", "--config.data.batch_size=8",
          "--config.train.num_steps=2", "--config.train.warmup_steps=1", "--config.checkpoint.every_steps=2",
          "--config.eval.every_steps=0", "--config.model.text_decoder.depth=1",
+         "--config.seed=1",  # the training seed; the dataset's is its builder's (0)
          # Narrower stacks: the test is about the demo's flow, and compiling is most of its time.
          *(f"--config.model.{stack}.{field}={value}"
            for stack in configlib.STACKS for field, value in (("width", 32), ("mlp_dim", 64))),
@@ -46,12 +48,22 @@ def test_demo_builds_trains_evaluates_answers_and_a_second_run_reuses_it(tmp_pat
     assert (workdir / "example_clip.mp4").stat().st_size > 0
     lines = first.stdout.splitlines()
     question = next(line for line in lines if line.startswith("question: "))
-    assert question.endswith("?") and any(line.startswith("answer: ") and "(reference: " in line for line in lines)
+    qa, _, _ = synthetic.generate_example(0, "test", 0, 4)  # test clip 0 of the built split (4 snippets)
+    assert question == f"question: {qa.question}"
+    assert any(line.startswith("answer: ") and f"(reference: {qa.answer})" in line for line in lines), lines
 
     second = _demo(workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "(already built)" in second.stdout
     assert _result(second.stdout) == result  # restored from the step-2 checkpoint, nothing retrained
+
+
+def test_demo_refuses_a_workdir_in_a_bucket():
+    flag = type("Flag", (), {})
+    config, workdir = flag(), flag()
+    config.value, workdir.value = tiny.get_config(), "gs://bucket/demo"
+    with pytest.raises(app.UsageError, match="--workdir=gs://bucket/demo: the demo runs on this machine"):
+        demo.main(["demo"], (config, workdir))
 
 
 def test_demo_refuses_a_task_it_cannot_build(tmp_path):

@@ -169,14 +169,29 @@ class _Builder:
     data_path = epath.Path("gs://bucket/tfds/local_media/tiny/1.0.0.incomplete123")
 
 
-def test_build_report_in_a_gs_data_dir(fake_bucket):
+def test_build_report_in_a_gs_data_dir(fake_bucket, monkeypatch):
     path = report.skipped_report_path(_Builder())
     assert os.fspath(path) == "gs://bucket/tfds/local_media/tiny/skipped.jsonl"
     build = report.BuildReport(_Builder(), ["train"])
+    written = fake_bucket / "bucket" / "tfds" / "local_media" / "tiny" / "skipped.jsonl"
     build.skip("train", "a.mp4", "empty_file", annotation="manifest.jsonl", line=3)
     build.skip("train", "b.mp4", "no_audio_track")
-    rows = (fake_bucket / "bucket" / "tfds" / "local_media" / "tiny" / "skipped.jsonl").read_text().splitlines()
-    assert [json.loads(r)["file"] for r in rows] == ["a.mp4", "b.mp4"]
+    assert written.read_text() == ""  # an object is rewritten whole, not once a row: held back...
+    monkeypatch.setattr(report, "REMOTE_FLUSH_SECONDS", 0.0)
+    build.skip("train", "c.mp4", "too_short")  # ...for REMOTE_FLUSH_SECONDS
+    assert [json.loads(r)["file"] for r in written.read_text().splitlines()] == ["a.mp4", "b.mp4", "c.mp4"]
+    monkeypatch.setattr(report, "REMOTE_FLUSH_SECONDS", 3600.0)
+
+    def crashing():
+        yield "d"
+        raise RuntimeError("a bug mid-split")
+
+    def skip_d(item):
+        raise report.SkipExample("too_short")
+    with pytest.raises(RuntimeError, match="a bug mid-split"):
+        list(build.generate("train", crashing(), skip_d, lambda item: {"key": item, "file": f"{item}.mp4"}))
+    rows = written.read_text().splitlines()  # the crash kept the row held back
+    assert [json.loads(r)["file"] for r in rows] == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
     assert build.summary().endswith("report: gs://bucket/tfds/local_media/tiny/skipped.jsonl")
 
 

@@ -11,7 +11,9 @@ It lives in the config folder, beside the version folder that holds the dataset
 generates into a temporary `incomplete.*` folder that it deletes when the build fails, and the
 report must outlive exactly those builds. Each build that generates data starts a fresh report.
 `data_dir` may be a URI (`gs://bucket/tfds`): the report goes through `etils.epath.Path`, as TFDS's
-own files do. (On GCS each appended row re-uploads the report: fine for the few rows a build skips.)
+own files do. An object in a bucket cannot be appended to (each append re-uploads it, and GCS takes
+about one write per second per object), so there rows are held and the report rewritten at most
+every `REMOTE_FLUSH_SECONDS`, at the end of each split and when a split's generation stops.
 
 At the end of the build one summary line is printed, e.g.
     local_media/tiny: kept 12, skipped 5 (empty_file 1, no_audio_track 2, ...); report: <path>
@@ -22,11 +24,14 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 from etils import epath
 
 SKIPPED_FILENAME = "skipped.jsonl"
+REMOTE_FLUSH_SECONDS = 30.0
 
 
 class SkipExample(Exception):
@@ -77,6 +82,9 @@ class BuildReport:
         self.skipped: collections.Counter[str] = collections.Counter()
         self.reasons: collections.Counter[str] = collections.Counter()
         self._finished: set[str] = set()
+        self._remote = "://" in os.fspath(self.path)
+        self._rows: list[str] = []  # every row so far, when remote: the file is rewritten whole
+        self._flushed_at, self._unflushed = time.monotonic(), False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")  # a rebuild must not append to the previous build's report
 
@@ -84,10 +92,23 @@ class BuildReport:
              line: int | None = None) -> None:
         row = {"split": split, "file": file, "reason": reason, "detail": detail, "annotation": annotation,
                "line": line}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        text = json.dumps(row, ensure_ascii=False) + "\n"
         self.skipped[split] += 1
         self.reasons[reason] += 1
+        if not self._remote:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(text)
+            return
+        self._rows.append(text)
+        self._unflushed = True
+        if time.monotonic() - self._flushed_at >= REMOTE_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the rows held back (a report in a bucket); a local report is always complete."""
+        if self._unflushed:
+            self.path.write_text("".join(self._rows), encoding="utf-8")
+            self._flushed_at, self._unflushed = time.monotonic(), False
 
     def keep(self, split: str) -> None:
         self.kept[split] += 1
@@ -105,6 +126,7 @@ class BuildReport:
 
     def finish_split(self, split: str) -> None:
         """Fails on an empty split; prints the summary once every split is done."""
+        self.flush()
         self._finished.add(split)
         if not self.kept[split]:
             raise EmptySplitError(
@@ -122,14 +144,17 @@ class BuildReport:
         bug and crashes the build (TFDS then leaves no dataset behind).
         """
         skippable = _skippable()
-        for item in items:
-            where = describe(item)
-            try:
-                example = make_example(item)
-            except skippable as e:
-                self.skip(split, where.get("file", ""), e.reason, getattr(e, "detail", "") or str(e),
-                          annotation=where.get("annotation", ""), line=where.get("line"))
-                continue
-            self.keep(split)
-            yield where["key"], example
+        try:
+            for item in items:
+                where = describe(item)
+                try:
+                    example = make_example(item)
+                except skippable as e:
+                    self.skip(split, where.get("file", ""), e.reason, getattr(e, "detail", "") or str(e),
+                              annotation=where.get("annotation", ""), line=where.get("line"))
+                    continue
+                self.keep(split)
+                yield where["key"], example
+        finally:  # a crash in the split (or TFDS closing the generator) keeps the rows of its skips
+            self.flush()
         self.finish_split(split)

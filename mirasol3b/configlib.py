@@ -118,8 +118,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.ttm = ml_collections.ConfigDict(dict(memory_size=8, token_learner_hidden=64))
     m.time_aligned = _stack(64, 1, 2, 128)
     # Snippets each snippet attends to (itself and the window - 1 before it; 0 = all earlier ones).
-    # A window makes long videos cost linear time and memory; depth L reaches L * window back.
+    # A window makes long videos cost linear time and memory; depth L reaches L * (window - 1) back.
     m.time_aligned.window = 0
+    # False: an ablation, every snippet attends to every real snippet (not autoregressive); needs
+    # window 0 and loss.latent_loss_weight 0 (each prediction would see the latents it predicts).
+    m.time_aligned.causal = True
     m.text_decoder = _stack(64, 2, 2, 128)
     m.text_decoder.max_length = 64
 
@@ -291,6 +294,7 @@ RULES: dict[str, Callable] = {
     "model.combiner_readout": _one_of("joint", "per_modality"),
     "model.combiner_outputs_only": _bool,
     "model.time_aligned.window": _nonneg_int,
+    "model.time_aligned.causal": _bool,
     "model.num_latents": _pos_int,
     "model.use_video": _bool,
     "model.use_audio": _bool,
@@ -474,6 +478,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.combiner_readout == "joint" or m.combiner == "transformer", "model.combiner_readout",
              "'joint' with model.combiner 'ttm' (the TTM Combiner reads its outputs through TokenLearner; "
              "'per_modality' is the Transformer Combiner's)", m.combiner_readout)
+    _require(m.time_aligned.causal or m.time_aligned.window == 0, "model.time_aligned.window",
+             "0 with model.time_aligned.causal False (the window's chunks are causal)", m.time_aligned.window)
+    _require(m.time_aligned.causal or config.loss.latent_loss_weight == 0, "loss.latent_loss_weight",
+             "0 with model.time_aligned.causal False (every prediction would attend to the latents it predicts)",
+             config.loss.latent_loss_weight)
     _require(config.data.text_length <= m.text_decoder.max_length, "data.text_length",
              f"<= model.text_decoder.max_length ({m.text_decoder.max_length})", config.data.text_length)
     _require(config.data.batch_size % config.train.microbatches == 0, "train.microbatches",

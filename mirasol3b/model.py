@@ -94,7 +94,8 @@ class Mirasol3B(nn.Module):
                                         token_learner_hidden=c.ttm.token_learner_hidden)
         else:
             raise ValueError(f"model.combiner must be one of {COMBINERS}, got {c.combiner!r}")
-        self.time_aligned = TimeAlignedModel(stack_spec(c, "time_aligned"), window=c.time_aligned.window)
+        self.time_aligned = TimeAlignedModel(stack_spec(c, "time_aligned"), window=c.time_aligned.window,
+                                             causal=c.time_aligned.causal)
         self.text_decoder = TextDecoder(stack_spec(c, "text_decoder"), vocab_size=c.vocab_size,
                                         max_length=c.text_decoder.max_length)
 

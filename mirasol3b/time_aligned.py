@@ -25,10 +25,13 @@ class TimeAlignedModel(nn.Module):
     last `window` of them: attention then costs time and memory linear in the snippets, and deeper
     layers reach further back); `predictions[:, t]` is the model's guess of `latents[:, t + 1]`.
     Snippet positions are sinusoidal, so longer videos add snippets and no parameters.
+    `causal=False` (an ablation: the model not autoregressive) lets every snippet attend to every
+    real one; its predictions then see their targets, so the latent loss must be off.
     """
 
     spec: TransformerSpec
     window: int = 0
+    causal: bool = True
 
     @nn.compact
     def __call__(self, latents: jax.Array, media_mask: jax.Array, *, deterministic: bool = True):
@@ -50,8 +53,10 @@ class TimeAlignedModel(nn.Module):
         if chunk:
             mask = masks.combine(masks.chunked_sliding_block_causal(valid.shape[1], m, self.window),
                                  masks.chunked_key_padding(token_valid, chunk))
-        else:
+        elif self.causal:
             mask = masks.combine(masks.block_causal(t, m), masks.key_padding(token_valid))
+        else:
+            mask = masks.key_padding(token_valid)
         x = TransformerStack(s, self_attention_chunk=chunk, name="transformer")(x, mask, deterministic=deterministic)
         features = einops.rearrange(x, "b (t m) d -> b t m d", m=m)[:, :t]
         head = dense(latent_width, ("embed", "mlp"), s.compute_dtype, s.weight_dtype, "prediction_head")

@@ -276,6 +276,25 @@ def test_time_aligned_window_sees_only_the_last_window_snippets():
         np.testing.assert_allclose(apply(module, latents)[0], apply(full, latents)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_a_non_causal_time_aligned_model_sees_later_snippets_but_not_padded_ones():
+    """The ablation `causal=False`: snippet 0's features depend on the last snippet, with the same
+    parameters; a padded snippet still reaches no one."""
+    cfg = make_config()
+    spec = stack_spec(cfg.model, "time_aligned")
+    m, width, t = 2, cfg.model.combiner_transformer.width, 4
+    rng = np.random.default_rng(1)
+    latents = jnp.asarray(rng.normal(size=(2, t, m, width)), jnp.float32)
+    media_mask = jnp.ones((2, t), bool).at[1, 3].set(False)
+    causal, full = TimeAlignedModel(spec), TimeAlignedModel(spec, causal=False)
+    params = numpy_params(jax.eval_shape(causal.init, jax.random.key(0), latents, media_mask)["params"])
+    apply = jax.jit(lambda module, x: module.apply({"params": params}, x, media_mask)[0], static_argnums=0)
+    later = latents.at[:, 3].add(1.0)
+    _close(apply(causal, later)[:, :3], apply(causal, latents)[:, :3])
+    changed, base = apply(full, later), apply(full, latents)
+    _differ(changed[0, 0], base[0, 0])
+    _close(changed[1, :3], base[1, :3])  # example 1's snippet 3 is padding
+
+
 def test_modality_dropout_hides_one_whole_modality_per_example_in_training_only():
     """Each example loses at most one modality, each with the configured rate; a hidden modality's
     tokens no longer depend on its input; evaluation and single-modality models are untouched."""
@@ -645,6 +664,10 @@ BAD_CONFIGS = {
     # tiny warms up for 100 steps: a 100-step run would leave the cosine decay no step (optax refuses).
     "all_warmup": (_set("train.num_steps", 100), "train.warmup_steps"),
     "microbatches_not_dividing_batch": (_set("train.microbatches", 3), "train.microbatches"),  # tiny: batch 32
+    "non_causal_with_latent_loss": (_set("model.time_aligned.causal", False), "loss.latent_loss_weight"),
+    "non_causal_with_window": (lambda cfg: (_set("model.time_aligned.causal", False)(cfg),
+                                            _set("loss.latent_loss_weight", 0.0)(cfg),
+                                            _set("model.time_aligned.window", 2)(cfg)), "model.time_aligned.window"),
 }
 
 
@@ -666,6 +689,17 @@ def test_every_microbatch_must_split_over_the_data_shards():
         configlib.check_batch_fits_mesh(cfg, 32)
     with pytest.raises(configlib.ConfigError, match=r"config\.data\.batch_size\b"):
         configlib.check_batch_fits_mesh(cfg, 3)
+
+
+def test_paper_config_variants_for_the_latent_loss_and_the_non_causal_ablation():
+    from configs import mirasol3b as paper
+
+    base = paper.get_config()
+    assert base.model.time_aligned.causal and base.loss.latent_loss == "contrastive"
+    ablation = paper.get_config("noncausal,ttm")  # validated inside: the latent loss is off with it
+    assert not ablation.model.time_aligned.causal and ablation.loss.latent_loss_weight == 0
+    assert ablation.model.combiner == "ttm"
+    assert paper.get_config("mse").loss.latent_loss == "mse"
 
 
 def test_parse_arg_rejects_unknown_variants():

@@ -143,6 +143,27 @@ def test_beam_search_scores_are_sequence_log_probabilities(transformer_setup):
     assert np.all(np.asarray(beam["scores"]) >= np.asarray(greedy["scores"]) - 1e-4)
 
 
+def test_beam_with_eos_and_a_length_penalty_scores_answers_by_the_full_forward_pass(transformer_setup):
+    """Each answer's score is its log-probability up to its EOS over ((5 + length) / 6) ** alpha,
+    and nothing follows an EOS: without EOS (the final beams' penalty) and with a likely EOS under
+    a strong preference for long answers."""
+    model, params, batch, gen = transformer_setup
+    free = _generate(model, params, gen, decoding.DecodeConfig(max_new_tokens=NEW, eos_id=-1))["tokens"]
+    likely = int(free[0, 1])  # EOS where the search meets it at once
+    for eos, alpha in ((-1, 0.6), (likely, 5.0)):
+        out = _generate(model, params, gen, decoding.DecodeConfig(
+            max_new_tokens=NEW, eos_id=eos, pad_id=0, method="beam", beam_size=4, length_penalty=alpha))
+        tokens, scores = np.asarray(out["tokens"]), np.asarray(out["scores"])
+        logits = _answer_logits(model, params, batch, gen, out["tokens"])
+        for row in range(BATCH):
+            hits = np.flatnonzero(tokens[row] == eos)
+            length = hits[0] + 1 if hits.size else NEW
+            assert np.all(tokens[row, length:] == 0), f"eos {eos}, alpha {alpha}: tokens after EOS"
+            logp = jax.nn.log_softmax(logits[row, :length])
+            total = float(jnp.take_along_axis(logp, out["tokens"][row, :length, None], axis=-1).sum())
+            np.testing.assert_allclose(scores[row], total / ((5 + length) / 6) ** alpha, rtol=1e-4)
+
+
 def test_generation_stops_at_eos(transformer_setup):
     model, params, _, gen = transformer_setup
     free = _generate(model, params, gen, decoding.DecodeConfig(max_new_tokens=NEW, eos_id=-1))["tokens"]
@@ -174,6 +195,19 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(transformer_setup):
     top1 = _generate(model, params, gen, decoding.DecodeConfig(
         max_new_tokens=NEW, eos_id=-1, method="sample", temperature=2.0, top_k=1), jax.random.key(3))
     np.testing.assert_array_equal(top1["tokens"], greedy["tokens"])
+
+
+def test_sampling_draws_from_the_softmax_at_its_temperature():
+    logits = jnp.log(jnp.array([0.6, 0.3, 0.1]))
+    n = 40_000
+    for temperature in (0.5, 1.0, 2.0):
+        config = decoding.DecodeConfig(method="sample", temperature=temperature)
+        tokens = decoding.choose_token(jnp.tile(logits, (n, 1)), jax.random.key(7), config)
+        frequencies = np.bincount(np.asarray(tokens), minlength=3) / n
+        expected = np.asarray(jax.nn.softmax(logits / temperature))
+        np.testing.assert_allclose(frequencies, expected, atol=0.01)  # 4 standard errors at most
+    assert int(decoding.choose_token(logits[None], jax.random.key(0), decoding.DecodeConfig(
+        method="sample", temperature=0.0))[0]) == 0  # temperature 0: greedy
 
 
 def test_filter_logits_top_k_and_top_p():

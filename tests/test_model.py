@@ -295,6 +295,24 @@ def test_a_non_causal_time_aligned_model_sees_later_snippets_but_not_padded_ones
     _close(changed[1, :3], base[1, :3])  # example 1's snippet 3 is padding
 
 
+def test_dropout_masks_are_drawn_anew_each_step_and_not_when_evaluating():
+    """With modality dropout on (the only randomness here): the training loss depends on the key,
+    which the train step folds with its step number; evaluation does not depend on it at all."""
+    cfg = make_config(modality_dropout=0.5)
+    model = Mirasol3B(cfg.model)
+    batch = make_batch(cfg.model, 4, seed=3)
+    params = numpy_params(jax.eval_shape(model.init, jax.random.key(0), batch)["params"])
+    optimizer = optim.make_optimizer(cfg.train)
+    state = train_state.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
+    step = jax.jit(train_step.make_train_step(model, optimizer, cfg.loss))
+    loss = {(n, seed): float(step(state.replace(step=jnp.int32(n)), batch, jax.random.key(seed))[1]["loss"])
+            for n, seed in ((0, 0), (0, 1), (1, 0))}
+    assert len(set(loss.values())) == 3, loss  # another key, or the same key at another step: other masks
+    assert float(step(state, batch, jax.random.key(0))[1]["loss"]) == loss[(0, 0)]  # deterministic
+    evaluate = jax.jit(lambda rng: model.apply({"params": params}, batch, rngs={"dropout": rng})["logits"])
+    np.testing.assert_array_equal(evaluate(jax.random.key(0)), evaluate(jax.random.key(1)))
+
+
 def test_modality_dropout_hides_one_whole_modality_per_example_in_training_only():
     """Each example loses at most one modality, each with the configured rate; a hidden modality's
     tokens no longer depend on its input; evaluation and single-modality models are untouched."""

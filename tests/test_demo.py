@@ -42,7 +42,6 @@ def test_demo_builds_trains_evaluates_answers_and_a_second_run_reuses_it(tmp_pat
     assert "dataset: building synthetic_avqa/tiny_smoke" in first.stdout
     result = _result(first.stdout)
     assert result["step"] == 2 and result["split"] == "validation" and result["num_examples"] == 10
-    assert 0.0 <= result["exact_match"] <= 1.0
     saved = json.loads((workdir / "eval_validation_step2.json").read_text())
     assert saved == result
     assert (workdir / "example_clip.mp4").stat().st_size > 0

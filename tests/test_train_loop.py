@@ -245,6 +245,18 @@ def test_sigterm_saves_its_step_and_exits_143_or_says_it_could_not_save(tmp_path
     assert "preempted at step 5, which could not be saved" in out and "the next run resumes from step 4" in out
     assert signal.getsignal(signal.SIGTERM) == handler, "the loop's guard put the previous handler back"
 
+    # Resumed once more, to the end: the same training as a run never stopped (state, optimizer
+    # moments, data position and dropout keys all restored), so the same logged means.
+    loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
+    straight = str(tmp_path / "straight")
+    loop.train(cfg, straight, data_iter=RandomBatches(cfg, cfg.data.batch_size))
+    logged = [{r["step"]: r for r in map(json.loads, open(os.path.join(w, "metrics.jsonl"))) if r["step"] > 4}
+              for w in (workdir, straight)]
+    assert sorted(logged[0]) == sorted(logged[1]) == [6, 8]
+    for step in (6, 8):
+        for key in ("loss", "text_loss", "latent_loss", "grad_norm"):
+            assert logged[0][step][key] == pytest.approx(logged[1][step][key], rel=1e-6), (step, key)
+
 
 def test_a_dataset_of_another_geometry_is_a_config_error_before_compiling(tmp_path):
     cfg, built_at = _config(2), _config(2)

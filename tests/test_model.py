@@ -17,6 +17,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from absl import flags
 from flax import linen as nn
@@ -295,22 +296,38 @@ def test_a_non_causal_time_aligned_model_sees_later_snippets_but_not_padded_ones
     _close(changed[1, :3], base[1, :3])  # example 1's snippet 3 is padding
 
 
-def test_dropout_masks_are_drawn_anew_each_step_and_not_when_evaluating():
-    """With modality dropout on (the only randomness here): the training loss depends on the key,
-    which the train step folds with its step number; evaluation does not depend on it at all."""
+def test_modality_dropout_in_the_model_follows_the_key_in_training_only():
+    """With modality dropout on (the only randomness here) the training loss depends on the key;
+    evaluation does not depend on it at all."""
     cfg = make_config(modality_dropout=0.5)
     model = Mirasol3B(cfg.model)
     batch = make_batch(cfg.model, 4, seed=3)
     params = numpy_params(jax.eval_shape(model.init, jax.random.key(0), batch)["params"])
-    optimizer = optim.make_optimizer(cfg.train)
-    state = train_state.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
-    step = jax.jit(train_step.make_train_step(model, optimizer, cfg.loss))
-    loss = {(n, seed): float(step(state.replace(step=jnp.int32(n)), batch, jax.random.key(seed))[1]["loss"])
-            for n, seed in ((0, 0), (0, 1), (1, 0))}
-    assert len(set(loss.values())) == 3, loss  # another key, or the same key at another step: other masks
-    assert float(step(state, batch, jax.random.key(0))[1]["loss"]) == loss[(0, 0)]  # deterministic
+    loss = jax.jit(lambda rng: train_step.make_loss_fn(model, cfg.loss)(params, batch, rng)[0])
+    assert float(loss(jax.random.key(0))) != float(loss(jax.random.key(1)))
+    assert float(loss(jax.random.key(0))) == float(loss(jax.random.key(0)))
     evaluate = jax.jit(lambda rng: model.apply({"params": params}, batch, rngs={"dropout": rng})["logits"])
     np.testing.assert_array_equal(evaluate(jax.random.key(0)), evaluate(jax.random.key(1)))
+
+
+def test_the_train_step_draws_new_dropout_keys_each_step(monkeypatch):
+    """The key a loss sees is the step's own (the run's key folded with the step), in one pass and in
+    every microbatch: a fixed key would repeat the same dropout masks all run."""
+    def loss_fn_seeing_its_key(model, loss_config):
+        def loss_fn(params, batch, rng, step=0, denominators=None):
+            seen = jax.random.uniform(rng)
+            return params["w"] * 0 + seen, {"loss": seen}
+        return loss_fn
+    monkeypatch.setattr(train_step, "make_loss_fn", loss_fn_seeing_its_key)
+    optimizer = optax.sgd(0.1)
+    params = {"w": jnp.zeros(())}
+    batch = {"x": jnp.zeros((4, 1)), "text_loss_weights": jnp.ones((4, 1)), "media_mask": jnp.ones((4, 2), bool)}
+    for microbatches in (1, 2):
+        step = jax.jit(train_step.make_train_step(None, optimizer, None, microbatches))
+        state = train_state.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
+        seen = {(n, seed): float(step(state.replace(step=jnp.int32(n)), batch, jax.random.key(seed))[1]["loss"])
+                for n, seed in ((0, 0), (1, 0), (0, 1), (0, 0))}
+        assert len(set(seen.values())) == 3, (microbatches, seen)  # (0, 0) twice: the same key
 
 
 def test_modality_dropout_hides_one_whole_modality_per_example_in_training_only():

@@ -43,12 +43,12 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["MIRASOL3B_TESTS_JAX_CACHE"], ignore_errors=True)
 
 
-# The slowest files, slowest first (166, 127, 117, 110, 103, 86 and 66 s of test time on a 2-core
+# The slowest files, slowest first (178, 165, 101, 96, 91, 89 and 85 s of test time on a 2-core
 # AMD EPYC), start first so the two xdist workers finish together (Makefile: `--dist loadfile
 # --no-loadscope-reorder` keeps this order). In xdist's own order (files with the most tests
 # first) one worker's test time was 587 s, the other's 384 s. Order changes time, never results.
-SLOW_FIRST = ("test_decoding.py", "test_demo.py", "test_model.py", "test_multihost.py", "test_checkpoints.py",
-              "test_summary.py", "test_train_loop.py")
+SLOW_FIRST = ("test_train_loop.py", "test_model.py", "test_demo.py", "test_multihost.py", "test_checkpoints.py",
+              "test_decoding.py", "test_summary.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -586,6 +586,36 @@ def test_train_step_lowers_loss_on_sharded_mesh():
     assert last["latent_loss"] < 0.9 * first["latent_loss"], (first, last)
 
 
+def test_every_param_kind_lands_on_its_mesh_axes():
+    """The rules table, per kind of parameter: FSDP over 'embed', tensor parallelism over heads, MLP
+    and vocabulary; every logical name a param uses is in the table (else it would be replicated)."""
+    P = jax.sharding.PartitionSpec
+    want = {("embed",): P("fsdp"), ("mlp",): P("tensor"), ("tokens", "embed"): P(None, "fsdp"),
+            ("patch", "embed"): P(None, "fsdp"), ("embed", "mlp"): P("fsdp", "tensor"),
+            ("mlp", "embed"): P("tensor", "fsdp"), ("embed", "heads", "head_dim"): P("fsdp", "tensor", None),
+            ("heads", "head_dim", "embed"): P("tensor", None, "fsdp"), ("embed", "vocab"): P("fsdp", "tensor"),
+            ("vocab", "embed"): P("tensor", "fsdp"),
+            ("mlp", "memory"): P("tensor", None), ("memory",): P(None)}  # TTM's TokenLearner selectors
+    named = {name for name, _ in sharding.LOGICAL_AXIS_RULES}
+    for arg in (None, "ttm"):
+        cfg = tiny.get_config(arg)
+        boxed = jax.eval_shape(Mirasol3B(cfg.model).init, jax.random.key(0), make_batch(cfg.model, 1))["params"]
+        specs = jax.tree.leaves(nn.get_partition_spec(boxed),
+                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        for logical in {tuple(spec) for spec in specs}:
+            assert set(logical) - {None} <= named, logical
+            assert nn.logical_to_mesh_axes(logical, sharding.LOGICAL_AXIS_RULES) == want[logical], logical
+
+
+def test_mesh_shapes_are_resolved_or_refused():
+    assert sharding.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+    assert sharding.resolve_mesh_shape((2, 2, 2), 8) == (2, 2, 2)
+    for bad, reason in (((-1, -1, 1), "at most one -1"), ((0, 8, 1), "positive or -1"), ((-1, 3, 1), "cannot fill"),
+                        ((2, 2, 1), "needs 4 devices"), ((8, 1), "3 entries")):
+        with pytest.raises(ValueError, match=reason):
+            sharding.resolve_mesh_shape(bad, 8)
+
+
 # f32 reductions are split differently across shards. Measured: loss rel. diff 7e-8, gradients max
 # abs. diff 6e-8 (largest gradient 0.22), so these bounds leave a margin of ~15x.
 SHARDED_RTOL, SHARDED_ATOL = 1e-5, 1e-6

@@ -247,16 +247,22 @@ def test_combiner_readout_decides_which_modality_each_output_reads(readout):
                 _close(out[:, :, j], base[:, :, j])
 
 
+def _time_aligned_inputs(t: int, m: int, seed: int):
+    """(spec, latent width, rng, latents [2, t, m, width], media_mask with example 1's last snippet padded)."""
+    cfg = make_config()
+    width = cfg.model.combiner_transformer.width
+    rng = np.random.default_rng(seed)
+    latents = jnp.asarray(rng.normal(size=(2, t, m, width)), jnp.float32)
+    media_mask = jnp.ones((2, t), bool).at[1, t - 1].set(False)
+    return stack_spec(cfg.model, "time_aligned"), width, rng, latents, media_mask
+
+
 def test_time_aligned_window_sees_only_the_last_window_snippets():
     """Window 2 over 7 snippets (chunks of 2, the last one padded), one layer: snippet t's features
     change when snippet t or t - 1 changes, and never for earlier or later ones; a window as long
     as the clip is the full block-causal model, with the same parameters."""
-    cfg = make_config()
-    spec = stack_spec(cfg.model, "time_aligned")
-    m, width, t = 3, cfg.model.combiner_transformer.width, 7
-    rng = np.random.default_rng(0)
-    latents = jnp.asarray(rng.normal(size=(2, t, m, width)), jnp.float32)
-    media_mask = jnp.ones((2, t), bool).at[1, 6].set(False)
+    m, t = 3, 7
+    spec, width, rng, latents, media_mask = _time_aligned_inputs(t, m, seed=0)
     windowed, full = TimeAlignedModel(spec, window=2), TimeAlignedModel(spec)
     boxed = jax.eval_shape(full.init, jax.random.key(0), latents, media_mask)["params"]
     assert jax.tree.map(jnp.shape, jax.eval_shape(windowed.init, jax.random.key(0), latents, media_mask)) == \
@@ -280,12 +286,8 @@ def test_time_aligned_window_sees_only_the_last_window_snippets():
 def test_a_non_causal_time_aligned_model_sees_later_snippets_but_not_padded_ones():
     """The ablation `causal=False`: snippet 0's features depend on the last snippet, with the same
     parameters; a padded snippet still reaches no one."""
-    cfg = make_config()
-    spec = stack_spec(cfg.model, "time_aligned")
-    m, width, t = 2, cfg.model.combiner_transformer.width, 4
-    rng = np.random.default_rng(1)
-    latents = jnp.asarray(rng.normal(size=(2, t, m, width)), jnp.float32)
-    media_mask = jnp.ones((2, t), bool).at[1, 3].set(False)
+    m, t = 2, 4
+    spec, _, _, latents, media_mask = _time_aligned_inputs(t, m, seed=1)
     causal, full = TimeAlignedModel(spec), TimeAlignedModel(spec, causal=False)
     params = numpy_params(jax.eval_shape(causal.init, jax.random.key(0), latents, media_mask)["params"])
     apply = jax.jit(lambda module, x: module.apply({"params": params}, x, media_mask)[0], static_argnums=0)

@@ -218,8 +218,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices) -> dict:
     times.append(time.perf_counter())
     in_shardings = jax.tree.map(lambda x: x.sharding, (state, batch, rng))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        step = jax.jit(make_train_step(model, optimizer, config.loss, config.train.microbatches), in_shardings=in_shardings,
-                       out_shardings=(in_shardings[0], None), donate_argnums=0)
+        step = jax.jit(make_train_step(model, optimizer, config.loss, config.train.microbatches),
+                       in_shardings=in_shardings, out_shardings=(in_shardings[0], None), donate_argnums=0)
         lowered = step.lower(state, batch, rng)
     times.append(time.perf_counter())
     # The CPU executable never runs: LLVM's optimisations only cost time (half the compile) and

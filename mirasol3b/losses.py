@@ -18,6 +18,11 @@ import jax.numpy as jnp
 import optax
 
 
+def _count(weights: jax.Array) -> jax.Array:
+    """What a mean over `weights` divides by: their sum, at least 1 (an all-padding batch scores 0)."""
+    return jnp.maximum(jnp.sum(weights, dtype=jnp.float32), 1.0)
+
+
 def text_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
               denominator: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Weighted mean cross-entropy over scored tokens; `logits [b, l, v]`, `targets/weights [b, l]`.
@@ -27,7 +32,7 @@ def text_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
     """
     weights = weights.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    denom = jnp.maximum(weights.sum(), 1.0) if denominator is None else denominator
+    denom = _count(weights) if denominator is None else denominator
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return (ce * weights).sum() / denom, {
         "token_accuracy": (correct * weights).sum() / denom,
@@ -42,8 +47,7 @@ def scored_pairs(media_mask: jax.Array) -> jax.Array:
 
 def batch_denominators(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """What the losses divide by over the whole `batch`: scored text tokens and scored snippet pairs."""
-    return {"text": jnp.maximum(batch["text_loss_weights"].astype(jnp.float32).sum(), 1.0),
-            "latent": jnp.maximum(scored_pairs(batch["media_mask"]).sum().astype(jnp.float32), 1.0)}
+    return {"text": _count(batch["text_loss_weights"]), "latent": _count(scored_pairs(batch["media_mask"]))}
 
 
 def latent_loss(latents: jax.Array, predictions: jax.Array, media_mask: jax.Array, *,
@@ -61,7 +65,7 @@ def latent_loss(latents: jax.Array, predictions: jax.Array, media_mask: jax.Arra
         target = (target - mean) * jax.lax.rsqrt(var + 1e-6)
     err = jnp.mean(jnp.square(predictions[:, :-1].astype(jnp.float32) - target), axis=(-2, -1))  # [b, t-1]
     valid = scored_pairs(media_mask).astype(jnp.float32)
-    return (err * valid).sum() / (jnp.maximum(valid.sum(), 1.0) if denominator is None else denominator)
+    return (err * valid).sum() / (_count(valid) if denominator is None else denominator)
 
 
 def contrastive_latent_loss(latents: jax.Array, predictions: jax.Array, media_mask: jax.Array, *,
@@ -84,7 +88,7 @@ def contrastive_latent_loss(latents: jax.Array, predictions: jax.Array, media_ma
     target = unit(latents[:, 1:].astype(jnp.float32))
     pred = unit(predictions[:, :-1].astype(jnp.float32))
     valid = scored_pairs(media_mask)  # [b, t-1]
-    pairs = jnp.maximum(valid.sum(), 1.0) if denominator is None else denominator
+    pairs = _count(valid) if denominator is None else denominator
     # Candidates per group: [group, m, candidates, width], each prediction's positive on the diagonal.
     if negatives == "examples":
         grouped = lambda x: einops.rearrange(x, "b t j d -> t j b d")  # noqa: E731
@@ -113,7 +117,7 @@ def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], *, 
     `denominators`: `batch_denominators` of the whole batch when `batch` is one of its microbatches;
     every loss and metric is then this microbatch's share, and the shares sum to the batch's values.
     """
-    denominators = denominators or {"text": None, "latent": None}
+    denominators = denominators or batch_denominators(batch)
     t_loss, metrics = text_loss(outputs["logits"], batch["text_targets"], batch["text_loss_weights"],
                                 denominators["text"])
     if latent_loss_type == "contrastive":

@@ -26,8 +26,11 @@ def _define_flags():
             flags.DEFINE_string("workdir", "runs/demo", "Where everything is written."))
 
 
-def _builder(config):
-    """The synthetic_avqa builder of the config that `config.data.task` (synthetic_avqa_NAME) reads."""
+def build_dataset(config):
+    """Builds the synthetic_avqa config that `config.data.task` (synthetic_avqa_NAME) reads, unless it
+    is built; returns that builder config (its seed and source drew the clips)."""
+    import tensorflow_datasets as tfds
+
     from data import tasks
     from data.builders.synthetic_avqa import synthetic_avqa
 
@@ -35,24 +38,19 @@ def _builder(config):
     if config.data.task not in names:
         raise app.UsageError(f"the demo trains on synthetic_avqa: config.data.task must be one of {sorted(names)}, "
                              f"got {config.data.task!r} (train on other tasks with mirasol3b.main)")
-    return synthetic_avqa.Builder(config=names[config.data.task], data_dir=config.data.tfds_data_dir)
-
-
-def build_dataset(config) -> None:
-    """Builds the synthetic_avqa config that `config.data.task` (synthetic_avqa_NAME) reads."""
-    import tensorflow_datasets as tfds
-
-    builder = _builder(config)
-    name = builder.builder_config.name
+    name = names[config.data.task]
+    builder = synthetic_avqa.Builder(config=name, data_dir=config.data.tfds_data_dir)
     if builder.is_prepared():
         print(f"dataset: {builder.data_dir} (already built)", flush=True)
-        return
-    print(f"dataset: building synthetic_avqa/{name} into {config.data.tfds_data_dir}", flush=True)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
+    else:
+        print(f"dataset: building synthetic_avqa/{name} into {config.data.tfds_data_dir}", flush=True)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
+    return builder.builder_config
 
 
-def answer_example_clip(config, workdir: str) -> dict:
-    """Writes test clip 0 of the synthetic data and answers its question with the trained model.
+def answer_example_clip(config, workdir: str, built) -> dict:
+    """Writes test clip 0 of the synthetic data (`built`: its builder config) and answers its
+    question with the trained model.
 
     One clip is one row: like `mirasol3b.answer`, the params are restored onto one device.
     """
@@ -63,7 +61,7 @@ def answer_example_clip(config, workdir: str) -> dict:
     from mirasol3b.answer import answer
 
     spec = MediaSpec.from_config(config)
-    built = _builder(config).builder_config  # its seed drew the split, whatever config.seed trains with
+    # The builder's seed drew the split, whatever config.seed trains with.
     qa, frames, audio = synthetic.generate_example(built.seed, "test", 0, spec.max_snippets, built.source)
     path = os.path.join(workdir, "example_clip.mp4")
     write_clip(path, frames, built.source.fps, audio, built.source.sample_rate)
@@ -77,11 +75,11 @@ def main(argv, flag_values) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mirasol3b import configlib, evaluate, sharding
-    from mirasol3b.train import loop
+    from mirasol3b.train import checkpoints, loop
 
     config_flag, workdir_flag = flag_values
     config, workdir = config_flag.value, workdir_flag.value
-    if "://" in workdir:
+    if checkpoints.is_remote(workdir):
         raise app.UsageError(f"--workdir={workdir}: the demo runs on this machine (it builds its dataset in the "
                              "workdir and writes a clip there with ffmpeg); give a local folder. Runs in a bucket: "
                              "mirasol3b.main")
@@ -90,7 +88,7 @@ def main(argv, flag_values) -> None:
             config.data.tfds_data_dir = os.path.abspath(os.path.join(workdir, "tfds"))
     configlib.validate(config)
     configlib.validate_eval(config)
-    build_dataset(config)
+    built = build_dataset(config)
     loop.quiet_logging()  # after the build: TFDS turns INFO logging on
     evaluations = []  # the loop evaluates its last step: that is the demo's result, not computed twice
 
@@ -108,7 +106,7 @@ def main(argv, flag_values) -> None:
         if jax.process_index() == 0:
             evaluate.write_metrics(workdir, metrics)
     print(json.dumps(metrics), flush=True)
-    example = answer_example_clip(config, workdir)
+    example = answer_example_clip(config, workdir, built)
     print(f"clip: {example['clip']}\nquestion: {example['question']}\n"
           f"answer: {example['prediction']}   (reference: {example['reference']})", flush=True)
 

@@ -19,6 +19,9 @@ mp4 ends before its index (moov) was written, when it holds fewer video frames t
 lists (2% slack), or when its media ends well before the header's duration (> max(0.25 s, 2%)).
 Files with no duration in the header (live-recorded webm) are measured by demuxing to the end;
 past the window, packets are only timed, not decoded.
+Damage. A damaged file (cut anywhere, bytes overwritten, another format under a video name) raises
+MediaError, never another exception, and a file that takes longer than the time limit raises
+"timed_out" instead of blocking its worker.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from fractions import Fraction
 
 import av
@@ -35,7 +39,14 @@ from data.spec import MediaSpec
 
 MEDIA_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".ogv")
 REASONS = ("not_found", "empty_file", "wrong_extension", "undecodable", "truncated", "no_video_stream",
-           "no_audio_track", "too_short")
+           "no_audio_track", "too_short", "timed_out")
+# Per-file time limit. Only the window is decoded and the rest of the file is demuxed without
+# decoding to find its end, so a healthy file takes seconds, an hour-long one of a few GB on a slow
+# network mount some tens of seconds; 120 s leaves that a margin while a read stuck on a dead mount
+# or a pathological file still frees its worker within minutes. PyAV's interrupt callback stops any
+# blocking read after this long and the packet loop checks the total, so a call ends within about
+# twice this (one decode call or a seek in progress is not interrupted).
+DECODE_TIMEOUT_SECONDS = 120.0
 # Below this fraction of the kept window covered by real audio samples, the track counts as missing.
 MIN_AUDIO_COVERAGE = 0.5
 # Audio is decoded this far either side of the window so resampler edges fall outside it.
@@ -76,7 +87,9 @@ class Clip:
 
 def _flush(stream) -> list:
     """Frames still buffered in the stream's decoder; none if the demuxer's final empty packet
-    already drained it."""
+    already drained it, or if the stream has no decoder (a damaged header names no codec)."""
+    if stream.codec_context is None:
+        return []
     try:
         return stream.codec_context.decode(None)
     except av.error.EOFError:
@@ -324,9 +337,31 @@ def _mp4_cut_off(path: str) -> bool:
     return b"moov" not in kinds and offset > size
 
 
-def _open(path: str):
+class _Deadline:
+    """The per-file time limit, on the monotonic clock (threads cannot use signal.alarm)."""
+
+    def __init__(self, path: str, seconds: float):
+        self.path, self.seconds = path, seconds
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    def check(self, what: str) -> None:
+        if time.monotonic() > self.at:
+            raise self.error(what)
+
+    def error(self, what: str) -> MediaError:
+        return MediaError(self.path, "timed_out", f"{what} took longer than the {self.seconds:g} s limit")
+
+
+def _open(path: str, deadline: _Deadline):
     try:
-        return av.open(path, metadata_errors="ignore")
+        # `timeout` installs PyAV's interrupt callback: opening, probing, and each later read
+        # (demux) stop with ExitError once one of them blocks for this long.
+        return av.open(path, metadata_errors="ignore", timeout=deadline.remaining())
+    except av.error.ExitError as e:
+        raise deadline.error("opening the file") from e
     except av.error.FFmpegError as e:
         if _mp4_cut_off(path):
             raise MediaError(path, "truncated", f"mp4 cut off before its index (moov) was written: {e}") from e
@@ -335,35 +370,54 @@ def _open(path: str):
         raise MediaError(path, "undecodable", f"cannot open: {e}") from e
 
 
-def _video_stream(container):
-    for stream in container.streams.video:
-        if not stream.disposition & av.stream.Disposition.attached_pic:  # cover art is not video
+def _video_stream(path: str, container):
+    """The first video stream that is not cover art. A stream without a decoder (its header is
+    too damaged to name a codec, or this FFmpeg lacks it) is skipped; if that leaves none, the
+    file is undecodable."""
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        return None
+    for stream in streams:
+        if stream.codec_context is not None:
             return stream
-    return None
+    raise MediaError(path, "undecodable", "no decoder for the video stream (a damaged header or an unsupported codec)")
 
 
-def decode_clip(path: str | os.PathLike, spec: MediaSpec, start_seconds: float = 0.0) -> Clip:
+def decode_clip(path: str | os.PathLike, spec: MediaSpec, start_seconds: float = 0.0, *,
+                timeout_seconds: float | None = None) -> Clip:
     """Decodes whole snippets of `path` from `start_seconds` (measured from the first frame) on,
-    at most `spec.max_snippets` of them. Raises MediaError; see the module docstring for timing."""
+    at most `spec.max_snippets` of them, within `timeout_seconds` (None: DECODE_TIMEOUT_SECONDS).
+    Raises MediaError; see the module docstring for timing."""
     path = os.fspath(path)
-    _check_file(path)
     start = Fraction(start_seconds).limit_denominator(1_000_000)
     if start < 0:
         raise ValueError(f"decode_clip: start_seconds must be >= 0, got {start_seconds}")
-    with _open(path) as container:
-        try:
-            return _decode(path, container, spec, start)
-        except MediaError:
-            raise
-        except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as e:
-            raise MediaError(path, "undecodable", f"{type(e).__name__}: {e}") from e
+    timeout = DECODE_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds
+    if not timeout > 0:
+        raise ValueError(f"decode_clip: timeout_seconds must be > 0, got {timeout_seconds}")
+    deadline = _Deadline(path, timeout)
+    try:
+        _check_file(path)  # inside: a file removed between its checks is a MediaError too
+        with _open(path, deadline) as container:
+            return _decode(path, container, spec, start, deadline)
+    except MediaError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as e:
+        raise MediaError(path, "undecodable", f"{type(e).__name__}: {e}") from e
+    except MemoryError as e:  # a damaged header can claim a frame or table too large to allocate
+        raise MediaError(path, "undecodable", f"out of memory while decoding: {e}") from e
+    except Exception as e:
+        # Safety net: a caller gets a MediaError for any file. "unexpected" marks a cause not
+        # handled above; the fuzz tests fail on it, so each new one gets its own fix.
+        raise MediaError(path, "undecodable", f"unexpected {type(e).__name__} in the decoder: {e}") from e
 
 
-def _decode(path: str, container, spec: MediaSpec, start: Fraction) -> Clip:
-    video_stream = _video_stream(container)
+def _decode(path: str, container, spec: MediaSpec, start: Fraction, deadline: _Deadline) -> Clip:
+    video_stream = _video_stream(path, container)
     if video_stream is None:
         raise MediaError(path, "no_video_stream", f"streams: {[s.type for s in container.streams] or 'none'}")
-    audio_stream = container.streams.audio[0] if container.streams.audio else None
+    # An audio track without a decoder (a damaged header, an unsupported codec) is not read.
+    audio_stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
     video = _Video(video_stream, spec, start)
     audio = _Audio(audio_stream) if audio_stream is not None else None
     for stream in (video_stream, audio_stream):
@@ -375,7 +429,7 @@ def _decode(path: str, container, spec: MediaSpec, start: Fraction) -> Clip:
         target = video.origin + start - _SEEK_LEAD
         container.seek(int(target / video.tb), stream=video_stream, backward=True)
 
-    failure = _read(container, video, audio, start)
+    failure = _read(container, video, audio, start, deadline)
     if audio is not None:
         audio.packet(None)
     video.finish()
@@ -404,7 +458,8 @@ def _decode(path: str, container, spec: MediaSpec, start: Fraction) -> Clip:
     covered = float(coverage.mean())
     audio_missing = covered < MIN_AUDIO_COVERAGE
     if audio_missing:
-        what = ("the file has no audio track" if audio_stream is None else
+        what = ("the file has no audio track" if not container.streams.audio else
+                "no decoder for the audio track (a damaged header or an unsupported codec)" if audio is None else
                 f"audio covers only {covered:.0%} of the {num_samples / spec.sample_rate:.2f} s window"
                 + (f" ({audio.errors} audio packets failed to decode)" if audio.errors else ""))
         if spec.missing_audio == "skip":
@@ -423,14 +478,19 @@ def _decode(path: str, container, spec: MediaSpec, start: Fraction) -> Clip:
     )
 
 
-def _read(container, video: _Video, audio: _Audio | None, start: Fraction) -> tuple[str, Exception] | None:
+def _read(container, video: _Video, audio: _Audio | None, start: Fraction,
+          deadline: _Deadline) -> tuple[str, Exception] | None:
     """Feeds every packet to its track, then flushes the video decoder. Returns what stopped the
-    pass early (reading the file or decoding the video, and the error), or None."""
+    pass early (reading the file or decoding the video, and the error), or None. Raises
+    "timed_out" past the deadline."""
     streams = [video.stream] + ([audio.stream] if audio is not None else [])
     packets = iter(container.demux(*streams))
     while True:
+        deadline.check(f"reading and decoding (after {video.packets} video packets)")
         try:
             packet = next(packets, None)
+        except av.error.ExitError as e:  # the interrupt callback: one read blocked past the limit
+            raise deadline.error(f"a read (after {video.packets} video packets)") from e
         except av.error.FFmpegError as e:
             return "reading", e
         if audio is not None and audio.decode_until is None and video.origin is not None:

@@ -14,6 +14,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from data.storage import audio_to_int16
+
 # Container -> (video codec, audio codec) used when the caller names none.
 _DEFAULT_CODECS = {
     ".mp4": ("libx264", "aac"),
@@ -51,7 +53,7 @@ def _encoders() -> frozenset[str]:
 
 
 def _write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
-    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+    pcm = audio_to_int16(audio).astype("<i2")
     with wave.open(path, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)

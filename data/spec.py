@@ -1,9 +1,12 @@
 """What a decoded example looks like: the media geometry (`MediaSpec`) and the stored features.
 
-Every builder writes examples with `example_features(spec)`; the SeqIO tasks read them back. One
-schema serves question answering, captioning and classification:
-  prompt  the question (QA), or the fixed prompt of the task kind (captioning, classification);
-  answer  the answer, the caption, or the label's name.
+Every builder writes one example per clip with `example_features(spec)`; the SeqIO tasks read them
+back and expand each clip into one example per text. One schema serves question answering,
+captioning and classification; each text has
+  prompt         the question (QA), or the fixed prompt of the task kind (captioning, classification);
+  answer         the answer, the caption, or the label's name;
+  kind           one of KINDS;
+  question_type  e.g. "what", "order"; "" where the task has none.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from fractions import Fraction
 import ml_collections
 
 KINDS = ("qa", "caption", "classification")
+# The fields of each entry of an example's `texts`.
+TEXT_FIELDS = ("prompt", "answer", "kind", "question_type")
 # Prompts for kinds that have no question of their own.
 DEFAULT_PROMPTS = {"caption": "describe the video.", "classification": "what is happening?"}
 
@@ -66,24 +71,25 @@ class MediaSpec:
 
 
 def example_features(spec: MediaSpec):
-    """The TFDS FeaturesDict every builder writes.
+    """The TFDS FeaturesDict every builder writes: one example per clip, with all its texts.
 
-    `video` uint8 [frames, size, size, 3] and `audio` float32 [frames / fps * sample_rate] hold whole
-    snippets only (`num_snippets` of them, at most `spec.max_snippets`); padding to the model's
-    length happens in the feature converter.
+    `video` [frames, size, size, 3] uint8 (stored as one image a frame, `data/storage.py`) and
+    `audio` [frames / fps * sample_rate] int16 PCM hold whole snippets only (`num_snippets` of them,
+    at most `spec.max_snippets`); padding to the model's length happens in the feature converter.
+    `texts` holds one entry per question, caption or label asked of the clip (at least one); the
+    SeqIO tasks expand a clip into one training example per text (`data.tasks.per_text`).
     """
-    import tensorflow as tf
+    import numpy as np
     import tensorflow_datasets as tfds
 
     s = spec.image_size
     return tfds.features.FeaturesDict({
-        "video": tfds.features.Tensor(shape=(None, s, s, 3), dtype=tf.uint8, encoding="zlib"),
-        "audio": tfds.features.Tensor(shape=(None,), dtype=tf.float32, encoding="zlib"),
-        "num_snippets": tfds.features.Scalar(dtype=tf.int32),
-        "audio_missing": tfds.features.Scalar(dtype=tf.bool),  # True: silence was filled in
-        "prompt": tfds.features.Text(),
-        "answer": tfds.features.Text(),
-        "kind": tfds.features.Text(),  # one of KINDS
-        "question_type": tfds.features.Text(),  # e.g. "what", "order"; "" where the task has none
+        "video": tfds.features.Video(shape=(None, s, s, 3), encoding_format="jpeg"),  # JPEG or PNG frames
+        # A Tensor, not tfds.features.Audio: TFDS 4.9.10's Audio skips `encoding` for arrays.
+        "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16, encoding="zlib",
+                                      doc=f"mono 16-bit PCM at {spec.sample_rate} Hz"),
+        "num_snippets": tfds.features.Scalar(dtype=np.int32),
+        "audio_missing": tfds.features.Scalar(dtype=np.bool_),  # True: silence was filled in
         "source": tfds.features.Text(),  # the media file, relative to the manual dir
+        "texts": tfds.features.Sequence({field: tfds.features.Text() for field in TEXT_FIELDS}),
     })

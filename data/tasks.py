@@ -1,5 +1,13 @@
 """SeqIO tasks: a source of examples in the `data/spec.py` schema + preprocessors + output features.
 
+The built datasets hold one example per clip with all its texts; the built-in tasks start with
+`per_text`, which turns each clip into one example per text (question, caption or label), so an
+epoch still asks every question once and evaluation scores every one. The texts of a clip share
+its decoded frames (they are references to one tensor, not copies), so a shuffle buffer of N
+examples holds about N / (texts per clip) clips; it also holds a clip's texts close together, so a
+batch drawn from it has several questions about one clip more often than one drawn from the
+whole dataset (the synthetic training split: 4 a clip).
+
 Built-in tasks (registered on import, and again by `register_tasks` when the data dir, vocabulary or
 shuffle buffer change):
   synthetic_avqa_{tiny,tiny_smoke}          the generated audio-visual QA clips
@@ -32,9 +40,11 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_SHUFFLE_BUFFER = 256
 
 # (TFDS name with version, task name) of every built-in source. The versions are the builders'.
-SYNTHETIC_AVQA_VERSION = "1.1.0"
+SYNTHETIC_AVQA_VERSION = "2.0.0"
 SYNTHETIC_AVQA_CONFIGS = ("tiny", "tiny_smoke")
-LOCAL_MEDIA_VERSION = "1.0.0"
+LOCAL_MEDIA_VERSION = "2.0.0"
+# Versions before these stored one example per text; their layout is not read (see `check_prepared`).
+CLIP_LAYOUT_SINCE = {"synthetic_avqa": "2.0.0", "local_media": "2.0.0"}
 LOCAL_MEDIA_GEOMETRIES = ("tiny", "base", "long")
 # The builder's config names (a test checks them): the manifest configs mix kinds of example, so
 # they also get one task per kind; the public formats hold one kind each.
@@ -53,6 +63,18 @@ def output_features(vocabulary: seqio.Vocabulary | None = None) -> dict[str, seq
         "audio": seqio.ContinuousFeature(dtype=tf.float32, rank=1),  # [samples]
         "num_snippets": seqio.ContinuousFeature(dtype=tf.int32, rank=0),
     }
+
+
+def per_text(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Clip examples (`data/spec.py`: `texts` and int16 `audio`) -> one example per text, with the
+    clip's media (audio as float32 in [-1, 1]) and the text's fields as top-level keys."""
+    from data.storage import AUDIO_SCALE
+
+    def expand(clip):
+        media = {k: v for k, v in clip.items() if k != "texts"}
+        media["audio"] = tf.cast(media["audio"], tf.float32) / AUDIO_SCALE
+        return tf.data.Dataset.from_tensor_slices(clip["texts"]).map(lambda text: {**media, **text})
+    return ds.flat_map(expand)
 
 
 # Tokenizes the text output features; the media features' PassThroughVocabulary leaves them as they are.
@@ -95,11 +117,12 @@ def tfds_source(tfds_name: str, data_dir: str | None) -> seqio.TfdsDataSource:
 
 def builtin_tasks() -> dict[str, tuple[str, tuple[Callable, ...]]]:
     """Task name -> (TFDS name, preprocessors) of every built-in task."""
-    out = {f"synthetic_avqa_{c}": (f"synthetic_avqa/{c}:{SYNTHETIC_AVQA_VERSION}", ()) for c in SYNTHETIC_AVQA_CONFIGS}
+    out = {f"synthetic_avqa_{c}": (f"synthetic_avqa/{c}:{SYNTHETIC_AVQA_VERSION}", (per_text,))
+           for c in SYNTHETIC_AVQA_CONFIGS}
     for c in LOCAL_MEDIA_MANIFEST_CONFIGS + LOCAL_MEDIA_PUBLIC_CONFIGS:
-        out[f"local_media_{c}"] = (f"local_media/{c}:{LOCAL_MEDIA_VERSION}", ())
+        out[f"local_media_{c}"] = (f"local_media/{c}:{LOCAL_MEDIA_VERSION}", (per_text,))
     for c in LOCAL_MEDIA_MANIFEST_CONFIGS:
-        out.update({f"local_media_{c}_{kind}": (f"local_media/{c}:{LOCAL_MEDIA_VERSION}", (filter_kind(kind),))
+        out.update({f"local_media_{c}_{kind}": (f"local_media/{c}:{LOCAL_MEDIA_VERSION}", (per_text, filter_kind(kind)))
                     for kind in spec_lib.KINDS})
     return out
 
@@ -148,6 +171,7 @@ def check_prepared(provider: seqio.Task | seqio.Mixture, split: str) -> None:
         except Exception:  # noqa: BLE001 -- TFDS raises several types for "not here", each listing every dataset
             built = False
         if not built:
+            _refuse_old_versions(task.name, dataset, config, name.partition(":")[2], data_dir, shown_dir)
             raise FileNotFoundError(
                 f"task {task.name!r}: TFDS dataset {name!r} is not built in {shown_dir}. Build it with "
                 f"`tfds build data/builders/{dataset} --config={config}"
@@ -156,6 +180,25 @@ def check_prepared(provider: seqio.Task | seqio.Mixture, split: str) -> None:
         splits = builder.info.splits
         if split not in splits:
             raise ValueError(f"task {task.name!r}: {name} in {shown_dir} has splits {sorted(splits)}, not {split!r}")
+
+
+def _refuse_old_versions(task: str, dataset: str, config: str, version, data_dir: str | None, shown_dir: str) -> None:
+    """Raises, naming the version and the rebuild command, where only a version this release does not
+    read is built (TFDS would say only that the dataset is missing)."""
+    from etils import epath
+
+    folder = epath.Path(data_dir or tfds.core.constants.DATA_DIR) / dataset / config
+    found = sorted(p.name for p in folder.iterdir() if (p / "dataset_info.json").exists()) if folder.is_dir() else []
+    if found:
+        old = ", ".join(found)
+        since = CLIP_LAYOUT_SINCE.get(dataset)
+        why = (f"versions before {since} stored one example per text, each with its own copy of the clip; this release "
+               "stores each clip once" if since else "this release reads another version")
+        raise FileNotFoundError(
+            f"task {task!r}: {dataset}/{config} in {shown_dir} is version {old}, and this release reads {version} "
+            f"({why}). Rebuild it: `tfds build data/builders/{dataset} --config={config}"
+            f"{' --data_dir=' + data_dir if data_dir else ''}` (local_media also needs --manual_dir); the old "
+            f"version's folder {folder / found[-1]} can then be deleted")
 
 
 register_tasks()

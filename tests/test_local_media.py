@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 
 from data import readers
 from data.builders.local_media import local_media
-from data.builders.report import EmptySplitError, SkipExample, skipped_report_path
+from data.builders.report import EmptySplitError, skipped_report_path
 from data.encode import ffmpeg_exe, write_clip
 from data.spec import DEFAULT_PROMPTS, MediaSpec
 
@@ -89,8 +89,15 @@ def _report(builder) -> list[dict]:
     return [json.loads(line) for line in skipped_report_path(builder).read_text().splitlines()]
 
 
-def _examples(builder, split="train") -> list[dict]:
+def _clips(builder, split="train") -> list[dict]:
+    """The stored examples: one per clip, with its `texts`."""
     return list(tfds.as_numpy(builder.as_dataset(split=split)))
+
+
+def _examples(builder, split="train") -> list[dict]:
+    """One dict per text, with its clip's fields (what `data.tasks.per_text` gives training)."""
+    return [{**{k: v for k, v in clip.items() if k != "texts"}, **{f: clip["texts"][f][i] for f in clip["texts"]}}
+            for clip in _clips(builder, split) for i in range(len(clip["texts"]["prompt"]))]
 
 
 def _text(example, key):
@@ -103,7 +110,7 @@ def _check_schema(example):
     assert 1 <= n <= TINY.max_snippets
     assert example["video"].shape == (n * TINY.snippet_frames, TINY.image_size, TINY.image_size, 3)
     assert example["video"].dtype == np.uint8
-    assert example["audio"].shape == (n * TINY.samples_per_snippet,) and example["audio"].dtype == np.float32
+    assert example["audio"].shape == (n * TINY.samples_per_snippet,) and example["audio"].dtype == np.int16
 
 
 MIXED = [
@@ -125,7 +132,8 @@ def _check_mixed_build(builder, output: str):
     assert by_line[13]["reason"] == "bad_manifest_line" and by_line[14]["reason"] == "bad_manifest_line"
     assert len(rows) == len(BAD_FILES) + 3 and all(r["annotation"] == "manifest.jsonl" for r in rows)
 
-    summary = [line for line in output.splitlines() if line.startswith("local_media/tiny: kept 3")]
+    # good1.mp4 from 0 s and from 0.25 s are two clips.
+    summary = [line for line in output.splitlines() if line.startswith("local_media/tiny: kept 3 clips with 3 texts")]
     assert len(summary) == 1, output
     assert "skipped 11" in summary[0] and "bad_manifest_line 2" in summary[0]
     assert summary[0].endswith(f"report: {skipped_report_path(builder)}")
@@ -136,7 +144,7 @@ def _check_mixed_build(builder, output: str):
     for example in train + test:
         _check_schema(example)
         assert int(example["num_snippets"]) == FULL_SNIPPETS and not example["audio_missing"]
-        assert np.abs(example["audio"]).max() > 0.1
+        assert np.abs(example["audio"]).max() > 0.1 * 32767
     label, qa = train
     assert (_text(qa, "prompt"), _text(qa, "answer"), _text(qa, "question_type"), _text(qa, "source")) == (
         "what moves?", "noise", "what", "clips/good1.mp4")
@@ -187,23 +195,20 @@ def _assert_no_dataset(data_dir: Path):
     with pytest.raises(Exception):
         tfds.load("local_media/tiny", data_dir=str(data_dir), download=False)
     config_dir = data_dir / "local_media" / "tiny"
-    assert not (config_dir / "1.0.0").exists()
+    assert not (config_dir / str(local_media.Builder.VERSION)).exists()
     assert not [p for p in config_dir.iterdir() if "incomplete" in p.name]  # TFDS cleaned its temporary dir
-
-
-def _skip(item):
-    raise SkipExample("not_found")
 
 
 def test_a_failed_split_reports_the_splits_after_it_as_not_reached(tmp_path):
     from types import SimpleNamespace
 
-    from data.builders.report import BuildReport
+    from data.builders.report import BuildReport, Skipped
 
     builder = SimpleNamespace(name="b", builder_config=SimpleNamespace(name="c"), data_path=str(tmp_path / "c" / "1"))
     report = BuildReport(builder, ["test", "train", "validation"])
-    with pytest.raises(EmptySplitError, match=r"kept 0 \(test 0, train not reached, validation not reached\)"):
-        list(report.generate("test", ["a"], _skip, lambda item: {"key": item, "file": item}))
+    with pytest.raises(EmptySplitError, match=r"kept 0 clips with 0 texts \(test 0 with 0, train not reached, "
+                                              r"validation not reached\)"):
+        list(report.generate("test", [[Skipped("a", "not_found")]]))
 
 
 def test_failed_builds_leave_no_dataset_and_a_rebuild_starts_a_fresh_report(media, tmp_path, monkeypatch):
@@ -283,7 +288,8 @@ def test_a_rebuild_over_changed_annotations_or_media_fails_until_overwrite(media
     with pytest.raises(local_media.ManualDirChangedError) as failure:
         _build(manual, out)
     message = str(failure.value)
-    for expected in (str(out / "local_media" / "tiny" / "1.0.0"), str(manifest), "changed since the build",
+    for expected in (str(out / "local_media" / "tiny" / str(local_media.Builder.VERSION)), str(manifest),
+                     "changed since the build",
                      "--overwrite", "--data_dir"):
         assert expected in message, message
     local_media.Builder(config="tiny", data_dir=str(out)).download_and_prepare()  # no manual dir: still loads
@@ -307,7 +313,7 @@ def test_a_rebuild_over_changed_annotations_or_media_fails_until_overwrite(media
     _build(manual, out)  # the rebuilt dataset is reused
 
     # A dataset built before fingerprints were recorded: reused, with a warning (nothing to compare).
-    (out / "local_media" / "tiny" / "1.0.0" / "metadata.json").unlink()
+    (out / "local_media" / "tiny" / str(local_media.Builder.VERSION) / "metadata.json").unlink()
     manifest.write_text(manifest.read_text().replace('"b"', '"c"'))
     with mock.patch.object(local_media.logging, "warning") as warning:
         _build(manual, out)
@@ -522,7 +528,7 @@ def test_msrvtt_qa_build_end_to_end(media, tmp_path):
     train = {_text(e, "question_type"): e for e in _examples(builder, "train")}
     assert sorted(train) == ["how", "what"]
     assert _text(train["how"], "answer") == "tone" and _text(train["how"], "source") == "videos/video0.mp4"
-    np.testing.assert_array_equal(train["how"]["video"], train["what"]["video"])  # one clip, decoded once
+    assert len(_clips(builder, "train")) == 1  # one clip, stored once with both questions
     (test,) = _examples(builder, "test")
     assert (_text(test, "question_type"), _text(test, "source")) == ("where", "videos/video7010.mp4")
     for example in [*train.values(), test]:

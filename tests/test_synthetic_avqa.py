@@ -116,18 +116,30 @@ def _colour_fraction(frames, colour, tolerance=60):
     return (np.abs(frames.astype(int) - np.array(colour)).max(-1) < tolerance).mean(axis=(1, 2))
 
 
+def _stored_media(example):
+    """The (video uint8, audio float32) that training reads from a stored example."""
+    import tensorflow as tf
+
+    from data.storage import AUDIO_SCALE
+
+    video = np.stack([tf.io.decode_image(frame, channels=3).numpy() for frame in example["video"]])
+    return video, example["audio"].astype(np.float32) / AUDIO_SCALE
+
+
 def test_events_are_where_they_should_be_after_encode_and_decode():
-    """The builder's path (render -> mp4 -> decode_clip at the tiny geometry): in each snippet a shape
-    is visible exactly when its event says so, and a playing tone is the spectral peak."""
+    """The builder's path (render -> mp4 -> decode_clip at the tiny geometry -> stored images and
+    int16): in each snippet a shape is visible exactly when its event says so, and a playing tone is
+    the spectral peak."""
     cfg = Builder.builder_configs["tiny_smoke"]
     spec = cfg.spec
-    made = {index: example for index, _, example in _Maker(cfg)("validation", range(3))}
-    for index, example in made.items():
-        assert isinstance(example, dict), example
+    made = _Maker(cfg)(("validation", range(3)))
+    assert [key for key, _ in made] == [synthetic.source_id(cfg.seed, "validation", i) for i in range(3)]
+    for index, (_, example) in enumerate(made):
         qa = synthetic.generate_qa(cfg.seed, "validation", index, spec.max_snippets)
-        assert (example["prompt"], example["answer"]) == (qa.question, qa.answer)
-        video = example["video"].reshape(spec.max_snippets, spec.snippet_frames, *example["video"].shape[1:])
-        audio = example["audio"].reshape(spec.max_snippets, spec.samples_per_snippet)
+        assert [(t["prompt"], t["answer"]) for t in example["texts"]] == [(qa.question, qa.answer)]
+        video, audio = _stored_media(example)
+        video = video.reshape(spec.max_snippets, spec.snippet_frames, *video.shape[1:])
+        audio = audio.reshape(spec.max_snippets, spec.samples_per_snippet)
         for snippet in range(spec.max_snippets):
             for shape in qa.layout.shapes:
                 present = _colour_fraction(video[snippet], synthetic.COLOURS[shape.attr])
@@ -165,17 +177,15 @@ def test_training_clips_carry_extra_questions_and_evaluation_clips_one():
     import dataclasses
 
     cfg = dataclasses.replace(Builder.builder_configs["tiny_smoke"], train_questions_per_clip=3)
-    train = _Maker(cfg)("train", range(2))
-    assert [(i, j) for i, j, _ in train] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
-    for index in range(2):
-        rows = [ex for i, _, ex in train if i == index]
+    train = _Maker(cfg)(("train", range(2)))
+    assert [key for key, _ in train] == [synthetic.source_id(cfg.seed, "train", i) for i in range(2)]
+    for index, (_, example) in enumerate(train):  # each clip once, with its questions
+        texts = example["texts"]
         first = synthetic.generate_qa(cfg.seed, "train", index, cfg.spec.max_snippets)
-        assert (rows[0]["prompt"], rows[0]["answer"]) == (first.question, first.answer)
-        assert len({r["prompt"] for r in rows}) == 3
-        for r in rows[1:]:
-            np.testing.assert_array_equal(r["video"], rows[0]["video"])
-            np.testing.assert_array_equal(r["audio"], rows[0]["audio"])
-    assert [(i, j) for i, j, _ in _Maker(cfg)("validation", range(2))] == [(0, 0), (1, 0)]
+        assert (texts[0]["prompt"], texts[0]["answer"]) == (first.question, first.answer)
+        assert len(texts) == 3 and len({t["prompt"] for t in texts}) == 3
+        assert {t["kind"] for t in texts} == {"qa"}
+    assert [len(example["texts"]) for _, example in _Maker(cfg)(("validation", range(2)))] == [1, 1]
 
 
 def test_tiny_smoke_builds_and_loads(tmp_path, capsys):
@@ -184,7 +194,8 @@ def test_tiny_smoke_builds_and_loads(tmp_path, capsys):
     builder = Builder(config="tiny_smoke", data_dir=str(tmp_path))
     builder.download_and_prepare()
     cfg, spec = builder.builder_config, builder.builder_config.spec
-    assert "synthetic_avqa/tiny_smoke: kept 60 (train 40, validation 10, test 10), skipped 0" in capsys.readouterr().out
+    assert ("synthetic_avqa/tiny_smoke: kept 60 clips with 60 texts (train 40 with 40, validation 10 with 10, test 10 "
+            "with 10), skipped 0") in capsys.readouterr().out
     assert skipped_report_path(builder).read_text() == ""
     for split, size in cfg.split_sizes.items():
         examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
@@ -193,16 +204,18 @@ def test_tiny_smoke_builds_and_loads(tmp_path, capsys):
             assert ex["video"].shape == (spec.num_frames, spec.image_size, spec.image_size, 3)
             assert ex["video"].dtype == np.uint8
             assert ex["audio"].shape == (spec.max_snippets * spec.samples_per_snippet,)
-            assert ex["audio"].dtype == np.float32
-            assert ex["num_snippets"] == spec.max_snippets and not ex["audio_missing"] and ex["kind"] == b"qa"
-            assert ex["answer"].decode() in synthetic.ANSWERS
-            assert ex["question_type"].decode() in synthetic.TEMPLATES_BY_TYPE
+            assert ex["audio"].dtype == np.int16
+            assert ex["num_snippets"] == spec.max_snippets and not ex["audio_missing"]
+            texts = ex["texts"]
+            assert list(texts["kind"]) == [b"qa"] and texts["answer"][0].decode() in synthetic.ANSWERS
+            assert texts["question_type"][0].decode() in synthetic.TEMPLATES_BY_TYPE
         # Sources are unique, and each example is the generator's for its index.
         sources = sorted(ex["source"].decode() for ex in examples)
         assert sources == sorted(synthetic.source_id(cfg.seed, split, i) for i in range(size))
         ex = examples[0]
         index = int(ex["source"].decode().rsplit("/", 1)[1])
-        assert ex["prompt"].decode() == synthetic.generate_qa(cfg.seed, split, index, spec.max_snippets).question
+        question = synthetic.generate_qa(cfg.seed, split, index, spec.max_snippets).question
+        assert ex["texts"]["prompt"][0].decode() == question
 
 
 def test_config_rejects_a_bad_geometry_or_size():

@@ -1,7 +1,8 @@
 """The build report every builder keeps: which examples were left out and why.
 
 A bad input (an undecodable file, a malformed manifest line, ...) never crashes a build: the builder
-records it here and goes on. The report is `skipped.jsonl`, one JSON object per skipped example:
+records it here and goes on. The report is `skipped.jsonl`, one JSON object per text (question,
+caption, label) left out; a clip that cannot be decoded leaves out every text asked of it:
 
     {"split": "train", "file": "clips/a.mp4", "reason": "no_audio_track", "detail": "...",
      "annotation": "manifest.jsonl", "line": 7}
@@ -16,17 +17,19 @@ about one write per second per object), so there rows are held and the report re
 every `REMOTE_FLUSH_SECONDS`, at the end of each split and when a split's generation stops.
 
 At the end of the build one summary line is printed, e.g.
-    local_media/tiny: kept 12, skipped 5 (empty_file 1, no_audio_track 2, ...); report: <path>
+    local_media/tiny: kept 5 clips with 12 texts, skipped 5 (empty_file 1, no_audio_track 2, ...); report: <path>
 A split whose every example was skipped fails the build (an empty split is a silent wrong result).
+A Beam build (`splits.py`) writes the same report from its workers' rows when the pipeline ends.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from etils import epath
 
@@ -43,6 +46,21 @@ class SkipExample(Exception):
         self.detail = detail
 
 
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """One text left out of the dataset, and why (`reason`: a short code)."""
+
+    file: str
+    reason: str
+    detail: str = ""
+    annotation: str = ""
+    line: int | None = None
+
+    def row(self, split: str) -> dict:
+        """Its line of `skipped.jsonl`."""
+        return {"split": split, **dataclasses.asdict(self)}
+
+
 class EmptySplitError(RuntimeError):
     """Every example of a split was skipped."""
 
@@ -57,7 +75,7 @@ def skipped_report_path(builder) -> epath.Path:
     return epath.Path(builder.data_path).parent / SKIPPED_FILENAME
 
 
-def _skippable() -> tuple[type[BaseException], ...]:
+def skippable() -> tuple[type[BaseException], ...]:
     # Imported here so that report.py stays usable by builders that never decode media.
     from data.media import MediaError
 
@@ -65,10 +83,10 @@ def _skippable() -> tuple[type[BaseException], ...]:
 
 
 class BuildReport:
-    """Counts kept and skipped examples per split and appends each skip to `skipped.jsonl`.
+    """Counts kept clips and texts and skipped texts per split, and appends each skip to `skipped.jsonl`.
 
     Create it once per build (in `_split_generators`, which TFDS calls once) with the names of the
-    splits that will be generated; wrap each split's examples in `generate`. Every skip is appended
+    splits that will be generated; wrap each split's outcomes in `generate`. Every skip is appended
     and flushed at once, so the file is complete whatever order the splits run in and even if a
     later split crashes the build.
     """
@@ -78,7 +96,8 @@ class BuildReport:
         self.name = f"{builder.name}/{config.name}" if config is not None else builder.name
         self.path = skipped_report_path(builder)
         self.splits = list(splits)
-        self.kept: collections.Counter[str] = collections.Counter()
+        self.kept: collections.Counter[str] = collections.Counter()  # texts
+        self.clips: collections.Counter[str] = collections.Counter()
         self.skipped: collections.Counter[str] = collections.Counter()
         self.reasons: collections.Counter[str] = collections.Counter()
         self._finished: set[str] = set()
@@ -88,13 +107,10 @@ class BuildReport:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")  # a rebuild must not append to the previous build's report
 
-    def skip(self, split: str, file: str, reason: str, detail: str = "", *, annotation: str = "",
-             line: int | None = None) -> None:
-        row = {"split": split, "file": file, "reason": reason, "detail": detail, "annotation": annotation,
-               "line": line}
-        text = json.dumps(row, ensure_ascii=False) + "\n"
+    def skip(self, split: str, skipped: Skipped) -> None:
+        text = json.dumps(skipped.row(split), ensure_ascii=False) + "\n"
         self.skipped[split] += 1
-        self.reasons[reason] += 1
+        self.reasons[skipped.reason] += 1
         if not self._remote:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(text)
@@ -110,15 +126,15 @@ class BuildReport:
             self.path.write_text("".join(self._rows), encoding="utf-8")
             self._flushed_at, self._unflushed = time.monotonic(), False
 
-    def keep(self, split: str) -> None:
-        self.kept[split] += 1
+    def keep(self, split: str, clips: int, texts: int) -> None:
+        self.clips[split] += clips
+        self.kept[split] += texts
 
     def summary(self) -> str:
-        kept = sum(self.kept.values())
-        text = f"{self.name}: kept {kept}"
+        text = f"{self.name}: kept {sum(self.clips.values())} clips with {sum(self.kept.values())} texts"
         if len(self.splits) > 1:  # a failed split stops the build: the ones after it never ran
-            text += " (" + ", ".join(f"{s} {self.kept[s]}" if s in self._finished else f"{s} not reached"
-                                     for s in self.splits) + ")"
+            text += " (" + ", ".join(f"{s} {self.clips[s]} with {self.kept[s]}" if s in self._finished
+                                     else f"{s} not reached" for s in self.splits) + ")"
         text += f", skipped {sum(self.skipped.values())}"
         if self.reasons:
             text += " (" + ", ".join(f"{r} {n}" for r, n in sorted(self.reasons.items())) + ")"
@@ -135,26 +151,17 @@ class BuildReport:
         if self._finished >= set(self.splits):
             print(self.summary(), flush=True)
 
-    def generate(self, split: str, items: Iterable[Any], make_example: Callable[[Any], dict],
-                 describe: Callable[[Any], dict]) -> Iterator[tuple[str, dict]]:
-        """Yields `(key, example)` for each item of a split that `make_example` turns into an example.
-
-        `describe(item)` gives `key`, `file`, `annotation` and `line` for the item. A `MediaError` or
-        `SkipExample` from `make_example` is recorded and the item left out; any other exception is a
-        bug and crashes the build (TFDS then leaves no dataset behind).
-        """
-        skippable = _skippable()
+    def generate(self, split: str, outcomes: Iterable[list]) -> Iterator[tuple[str, dict]]:
+        """Yields the `(key, example)`s of a split's outcome lists (`splits.py`), recording each `Skipped`.
+        Fails the build on an empty split once they are done."""
         try:
-            for item in items:
-                where = describe(item)
-                try:
-                    example = make_example(item)
-                except skippable as e:
-                    self.skip(split, where.get("file", ""), e.reason, getattr(e, "detail", "") or str(e),
-                              annotation=where.get("annotation", ""), line=where.get("line"))
-                    continue
-                self.keep(split)
-                yield where["key"], example
+            for made in outcomes:
+                for outcome in made:
+                    if isinstance(outcome, Skipped):
+                        self.skip(split, outcome)
+                        continue
+                    self.keep(split, clips=1, texts=len(outcome[1]["texts"]))
+                    yield outcome
         finally:  # a crash in the split (or TFDS closing the generator) keeps the rows of its skips
             self.flush()
         self.finish_split(split)

@@ -18,9 +18,10 @@ try:
 except ImportError:  # `tfds build data/builders/local_media` imports this file as `local_media.local_media`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from data import readers
+from data import readers, storage
 from data.builders import FileCodePath
-from data.builders.report import BuildReport, SkipExample
+from data.builders.report import SkipExample, Skipped
+from data.builders.splits import ClipSplits, Text, clip_outcomes
 from data.spec import MediaSpec, example_features
 
 # Media geometry presets, equal to what configs/tiny.py, configs/mirasol3b.py and configs/long_video.py
@@ -83,8 +84,9 @@ def _configs() -> list[LocalMediaConfig]:
     return out
 
 
-class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
-    """Media files plus annotations in a manual dir -> examples with the schema of `data/spec.py`.
+class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
+    """Media files plus annotations in a manual dir -> examples with the schema of `data/spec.py`:
+    one per clip (a file and a start time), holding every text the annotations ask of it.
 
     Build (always name a config; without one `tfds build` builds every config):
         tfds build data/builders/local_media --config=tiny --manual_dir=MEDIA --data_dir=OUT
@@ -105,8 +107,8 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
         class per line); videos/{youtube_id}_{start:06d}_{end:06d}.mp4, or in any folder below videos/
         (the crawler's <label>/, CVDF's <split>/). An unlabelled test.csv (600/700) is left out.
       (Per-split files: whichever exist; `data/readers.py` documents each layout.)
-    A file or line that cannot become an example is skipped and listed in `skipped.jsonl` (see
-    `data/builders/report.py`); a split with no example left fails the build.
+    A file or line that cannot become an example is skipped and listed in `skipped.jsonl`, one row per
+    text (see `data/builders/report.py`); a split with no example left fails the build.
 
     A build records a fingerprint of the manual dir (`_fingerprint`) in the dataset's metadata.json. TFDS
     reuses an existing dataset without reading the manual dir; here such a reuse fails with
@@ -115,8 +117,11 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
     manual dir) nothing is compared.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "2.0.0": "One example per clip holding all its texts (was one per text, each with its own "
+                              "copy of the clip); frames stored as JPEG/PNG images, audio as int16. Builds on "
+                              "Apache Beam with --beam_pipeline_options."}
     BUILDER_CONFIGS = _configs()
     builder_config_cls = LocalMediaConfig  # `tfds build --config='{"name": ..., "fps": ...}'` builds a custom one
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the annotations (manifest.jsonl, or a public format's files) and the media in "
@@ -179,10 +184,9 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
         if not splits:
             raise ValueError(f"{self.name}/{self.builder_config.name}: the annotations in {manual_dir} hold no entries")
         self.info.metadata[FINGERPRINT_KEY] = fingerprint  # written with the dataset, only if the build succeeds
-        report = BuildReport(self, sorted(splits))
-        spec = self.builder_config.spec
-        return {split: report.generate(split, _decode_order(items), _Maker(manual_dir, spec), _describe(manual_dir))
-                for split, items in sorted(splits.items())}
+        self.report(sorted(splits))
+        make = _Maker(manual_dir, self.builder_config.spec)
+        return {split: self.split(split, _clips(manual_dir, items), make) for split, items in sorted(splits.items())}
 
     def _generate_examples(self, **kwargs):  # `_split_generators` returns the generators itself
         raise NotImplementedError
@@ -291,12 +295,6 @@ def _changed_files(built: dict, now: dict):
             yield name, "changed" if name in built and name in now else "was added" if name in now else "was removed"
 
 
-def _decode_order(items):
-    """Questions on the same clip come next to each other, so `_Maker` decodes each clip once."""
-    return sorted(items, key=lambda it: (isinstance(it[2], readers.BadRow), getattr(it[2], "video", ""),
-                                         getattr(it[2], "start", 0.0), it[0], it[1]))
-
-
 def _media_path(manual_dir: Path, video: str) -> Path:
     return manual_dir / video  # an absolute `video` stays as it is
 
@@ -310,43 +308,37 @@ def _source(manual_dir: Path, video: str) -> str:
         return str(path)
 
 
-def _describe(manual_dir: Path):
-    def describe(item):
-        annotation, line, record = item
-        return {"key": f"{annotation}:{line}", "file": _source(manual_dir, record.video) if record.video else "",
-                "annotation": annotation, "line": line}
-    return describe
+def _clips(manual_dir: Path, items) -> list:
+    """A split's work items: each clip (video, start, its Texts in annotation order), then each bad
+    row as its `Skipped` outcome."""
+    texts, bad = collections.defaultdict(list), []
+    for annotation, line, record in sorted(items, key=lambda it: (it[0], it[1])):
+        if isinstance(record, readers.BadRow):
+            bad.append(Skipped(_source(manual_dir, record.video) if record.video else "", record.reason, record.detail,
+                               annotation, line))
+        else:
+            texts[(record.video, record.start)].append(
+                Text(record.prompt, record.answer, record.kind, record.question_type, annotation, line))
+    return [(video, start, tuple(t)) for (video, start), t in sorted(texts.items())] + bad
 
 
 class _Maker:
-    """Record -> example; keeps the last decoded clip (or its error) for the next record on the same clip."""
+    """Work item -> [(key, example)] or its `Skipped` rows (one per text of a clip that fails)."""
 
     def __init__(self, manual_dir: Path, spec: MediaSpec):
-        from data.media import MediaError, decode_clip  # imported here: the decoder is only needed to build
+        self.manual_dir, self.spec = manual_dir, spec
 
-        self.manual_dir, self.spec, self.decode, self.error_type = manual_dir, spec, decode_clip, MediaError
-        self.last = (None, None)  # ((video, start), Clip or MediaError)
+    def __call__(self, item) -> list:
+        if isinstance(item, Skipped):
+            return [item]
+        video, start, texts = item
+        source = _source(self.manual_dir, video)
+        return clip_outcomes(f"{source}@{start!r}", source, texts, lambda: self._example(video, start, source, texts))
 
-    def clip(self, record: readers.Record):
-        key = (record.video, record.start)
-        if self.last[0] != key:
-            try:
-                result = self.decode(_media_path(self.manual_dir, record.video), self.spec, start_seconds=record.start)
-            except self.error_type as e:
-                result = e
-            self.last = (key, result)
-        if isinstance(self.last[1], Exception):
-            raise self.last[1]
-        return self.last[1]
+    def _example(self, video: str, start: float, source: str, texts) -> dict:
+        from data.media import decode_clip  # imported here: the decoder is only needed to build
 
-    def __call__(self, item) -> dict:
-        _, _, record = item
-        if isinstance(record, readers.BadRow):
-            raise SkipExample(record.reason, record.detail)
-        clip = self.clip(record)
+        clip = decode_clip(_media_path(self.manual_dir, video), self.spec, start_seconds=start)
         if clip.audio_missing and self.spec.missing_audio != "silence":  # the decoder's job; a cheap guard
             raise SkipExample("no_audio_track", "the decoder returned silence under missing_audio='skip'")
-        return {"video": clip.video, "audio": clip.audio, "num_snippets": clip.num_snippets,
-                "audio_missing": clip.audio_missing, "prompt": record.prompt, "answer": record.answer,
-                "kind": record.kind, "question_type": record.question_type,
-                "source": _source(self.manual_dir, record.video)}
+        return storage.clip_example(clip.video, clip.audio, clip.num_snippets, clip.audio_missing, source, texts)

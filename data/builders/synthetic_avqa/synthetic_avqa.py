@@ -4,20 +4,18 @@ Each example is drawn by `data/synthetic.py`, encoded to a real h264/aac mp4 (`d
 decoded back with `data/media.py`, the decode path of users' files, so the demo runs the real
 pipeline: frame-rate conversion, resizing, audio resampling and codec loss included. A clip is
 `num_frames / fps` seconds (1 s at the tiny geometry: 4 snippets); runs of clips share one file
-(see `_Maker`). The "tiny" config builds 2600 clips, 8600 examples (4 questions a training clip),
-in ~2.5 minutes on 2 cores.
+(see `_Maker`). An example is a clip with its questions (`data/spec.py`): the "tiny" config builds
+2600 clips with 8600 questions (4 a training clip).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import functools
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +26,10 @@ try:
 except ImportError:  # `tfds build data/builders/synthetic_avqa` imports this file as `synthetic_avqa.synthetic_avqa`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from data import synthetic
+from data import storage, synthetic
 from data.builders import FileCodePath
-from data.builders.report import BuildReport, SkipExample
+from data.builders.report import SkipExample
+from data.builders.splits import ClipSplits, Text, clip_outcomes
 from data.spec import MediaSpec, example_features
 
 # Media geometry, equal to what configs/tiny.py asks for (a test keeps them equal); literal here
@@ -103,18 +102,21 @@ def _configs() -> list[SyntheticAvqaConfig]:
             for name, (train, val, test) in SPLIT_SIZES.items()]
 
 
-class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
+class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
     """Generated clips of two coloured shapes and two tones with a question each (`data/synthetic.py`
     lists the templates and the answer set), in the schema of `data/spec.py`.
 
     Build: `tfds build data/builders/synthetic_avqa --config=tiny --data_dir=OUT`, or from Python
     `Builder(config="tiny", data_dir=OUT).download_and_prepare()`. A custom size or seed:
     `--config='{"name": "mine", "train_size": 500, "seed": 1}'` or `Builder(config=SyntheticAvqaConfig(...))`.
+    With `--beam_pipeline_options=...` the runs of clips are made on Apache Beam (`data/builders/splits.py`).
     """
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("2.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
-                     "1.1.0": "tiny: 4 questions per training clip (was 1)."}
+                     "1.1.0": "tiny: 4 questions per training clip (was 1).",
+                     "2.0.0": "One example per clip holding all its questions (was one per question, each with its "
+                              "own copy of the clip); frames stored as PNG/JPEG images, audio as int16."}
     BUILDER_CONFIGS = _configs()
     builder_config_cls = SyntheticAvqaConfig
 
@@ -124,23 +126,18 @@ class Builder(FileCodePath, tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
-        report = BuildReport(self, synthetic.SPLITS)
-        make = _Maker(cfg)
-        return {split: report.generate(split, self._made(make, split, size), _unpack, _describe(cfg, split))
+        self.report(synthetic.SPLITS)
+        make, k = _Maker(cfg), cfg.clips_per_file
+        return {split: self.split(split, [(split, tuple(range(start, min(start + k, size))))
+                                          for start in range(0, size, k)], make, workers=cfg.workers)
                 for split, size in cfg.split_sizes.items()}
-
-    def _made(self, make: "_Maker", split: str, size: int) -> Iterator[tuple[int, int, dict | Exception]]:
-        k = self.builder_config.clips_per_file
-        runs = (range(start, min(start + k, size)) for start in range(0, size, k))
-        for made in _ordered_map(functools.partial(make, split), runs, self.builder_config.workers):
-            yield from made
 
     def _generate_examples(self, **kwargs):  # `_split_generators` returns the generators itself
         raise NotImplementedError
 
 
 class _Maker:
-    """A run of indices of one split -> [(index, example or the error that skips it)].
+    """(split, a run of indices) -> [(key, example) or Skipped] for each clip of the run.
 
     The run's clips are generated, written one after another into one mp4 (`write_clip`) and
     decoded back in one `decode_clip` call, then cut into clips at snippet boundaries: ffmpeg's
@@ -150,14 +147,20 @@ class _Maker:
     def __init__(self, cfg: SyntheticAvqaConfig):
         self.cfg, self.spec, self.source = cfg, cfg.spec, cfg.source
 
-    def __call__(self, split: str, indices: Sequence[int]) -> list[tuple[int, int, dict | Exception]]:
-        """-> [(index, question number, example or the error that skips the clip)]; a skipped clip
-        is one item, whatever its number of questions."""
+    def questions(self, split: str, index: int, qa: synthetic.QA) -> list[Text]:
+        """The clip's questions: one on evaluation splits, `train_questions_per_clip` on train. `line`
+        numbers them within the clip (from 1), for the build report."""
+        extra = self.cfg.train_questions_per_clip - 1 if split == "train" else 0
+        return [Text(q.question, q.answer, "qa", q.question_type, line=j + 1)
+                for j, q in enumerate([qa, *synthetic.extra_questions(self.cfg.seed, split, index, qa, extra)])]
+
+    def __call__(self, item: tuple[str, Sequence[int]]) -> list:
         from data.encode import write_clip  # imported here: only building needs ffmpeg and PyAV
         from data.media import MediaError, decode_clip
 
-        spec, source, snippets = self.spec, self.source, self.spec.max_snippets
-        drawn = [synthetic.generate_example(self.cfg.seed, split, i, snippets, source) for i in indices]
+        split, indices = item
+        spec, source = self.spec, self.source
+        drawn = [synthetic.generate_example(self.cfg.seed, split, i, spec.max_snippets, source) for i in indices]
         with tempfile.TemporaryDirectory(prefix="synthetic_avqa_") as tmp:
             path = os.path.join(tmp, "clips.mp4")
             write_clip(path, np.concatenate([frames for _, frames, _ in drawn]), source.fps,
@@ -165,48 +168,21 @@ class _Maker:
             try:
                 run = decode_clip(path, dataclasses.replace(spec, num_frames=len(drawn) * spec.num_frames))
             except MediaError as e:
-                return [(i, 0, e) for i in indices]  # raised (and reported) by the consumer, see `_unpack`
-        frames, samples = spec.num_frames, snippets * spec.samples_per_snippet
-        extra = self.cfg.train_questions_per_clip - 1 if split == "train" else 0
+                run = e  # each clip of the run is skipped with it, below
         out = []
         for k, (index, (qa, _, _)) in enumerate(zip(indices, drawn)):
-            if (k + 1) * snippets > run.num_snippets:  # its last snippets' events would be lost
-                out.append((index, 0, SkipExample("too_short", f"the run decoded to {run.num_snippets} snippets, "
-                                                               f"clip {k} needs {(k + 1) * snippets}")))
-                continue
-            media = {"video": run.video[k * frames:(k + 1) * frames], "audio": run.audio[k * samples:(k + 1) * samples],
-                     "num_snippets": snippets, "audio_missing": run.audio_missing, "kind": "qa",
-                     "source": synthetic.source_id(self.cfg.seed, split, index)}
-            questions = [qa, *synthetic.extra_questions(self.cfg.seed, split, index, qa, extra)]
-            out.extend((index, j, {**media, "prompt": q.question, "answer": q.answer, "question_type": q.question_type})
-                       for j, q in enumerate(questions))
+            key, texts = synthetic.source_id(self.cfg.seed, split, index), self.questions(split, index, qa)
+            out += clip_outcomes(key, key, texts, functools.partial(self._cut, run, k, key, texts))
         return out
 
-
-def _unpack(item: tuple[int, int, dict | Exception]) -> dict:
-    example = item[2]
-    if isinstance(example, Exception):
-        raise example
-    return example
-
-
-def _describe(cfg: SyntheticAvqaConfig, split: str) -> Callable[[tuple], dict]:
-    def describe(item):
-        source = synthetic.source_id(cfg.seed, split, item[0])
-        return {"key": source + (f"/q{item[1]}" if item[1] else ""), "file": source}
-    return describe
-
-
-def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """`map(fn, items)` run on `workers` threads, in order, at most 2 * workers results ahead."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    def _cut(self, run, k: int, key: str, texts: list[Text]) -> dict:
+        """The example of clip k of a decoded run; raises the run's MediaError if it failed."""
+        if isinstance(run, Exception):
+            raise run
+        spec, snippets = self.spec, self.spec.max_snippets
+        if (k + 1) * snippets > run.num_snippets:  # its last snippets' events would be lost
+            raise SkipExample("too_short", f"the run decoded to {run.num_snippets} snippets, clip {k} needs "
+                                           f"{(k + 1) * snippets}")
+        frames, samples = spec.num_frames, snippets * spec.samples_per_snippet
+        return storage.clip_example(run.video[k * frames:(k + 1) * frames], run.audio[k * samples:(k + 1) * samples],
+                                    snippets, run.audio_missing, key, texts)

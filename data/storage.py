@@ -1,0 +1,71 @@
+"""How a decoded clip is stored: each frame as an image (JPEG, or PNG where JPEG would not stay
+faithful) and the audio as 16-bit PCM. The codecs are TensorFlow's, the ones the input pipeline
+decodes with (`tf.io.decode_image` reads either format), so what is checked here is what training
+reads.
+
+Frames. Each frame is encoded as JPEG at quality 80 (4:2:0 chroma) and decoded back; if the
+decoded frame's PSNR against the uncompressed decode is under `PSNR_FLOOR_DB`, JPEG at quality 95
+with full chroma and lossless PNG are tried and the smaller one that holds the floor (PNG always
+does) is kept. Measured on frames decoded at the `base` geometry (224 px):
+  chaplin.mp4 (film grain)  JPEG q80: 11.9 KB a frame, min PSNR 36.3 dB (q90: 16.5 KB, 39.9 dB;
+                            zlib'd raw pixels, the 1.0.0 storage: 50.1 KB)
+  no_duration.webm          JPEG q90: 2.2 KB, 45.5 dB (zlib: 4.8 KB)
+and on synthetic_avqa's flat-coloured 32 px frames, where JPEG blurs the colour edges (q95 4:2:0:
+min 30.2 dB; q95 4:4:4: 36.1 dB and 957 B) and PNG is both exact and smaller (440 B).
+Audio. int16 PCM (zlib'd by the feature): half of float32, and its rounding error (1.5e-5 of full
+scale, -96 dB) is far below what a 16 kHz log-mel resolves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The issue's faithfulness target is 35 dB; one dB of margin for readers that decode JPEG with
+# another library (IDCT variants differ in the last bit).
+PSNR_FLOOR_DB = 36.0
+JPEG_QUALITY = 80
+_FALLBACK_JPEG_QUALITY = 95
+AUDIO_SCALE = 32767.0  # float32 in [-1, 1] <-> int16
+
+
+def psnr_db(reference: np.ndarray, decoded: np.ndarray) -> float:
+    """PSNR of uint8 images; inf where they are equal."""
+    mse = np.mean((reference.astype(np.float32) - decoded.astype(np.float32)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def encode_frame(frame: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> JPEG or PNG bytes whose decode is within `PSNR_FLOOR_DB` of `frame`."""
+    import tensorflow as tf
+
+    first = tf.io.encode_jpeg(frame, quality=JPEG_QUALITY).numpy()
+    if psnr_db(frame, tf.io.decode_image(first, channels=3).numpy()) >= PSNR_FLOOR_DB:
+        return first
+    candidates = [tf.io.encode_png(frame).numpy()]
+    jpeg = tf.io.encode_jpeg(frame, quality=_FALLBACK_JPEG_QUALITY, chroma_downsampling=False).numpy()
+    if psnr_db(frame, tf.io.decode_image(jpeg, channels=3).numpy()) >= PSNR_FLOOR_DB:
+        candidates.append(jpeg)
+    return min(candidates, key=len)
+
+
+def encode_frames(video: np.ndarray) -> list[bytes]:
+    """uint8 [F, H, W, 3] -> F encoded images, for a `tfds.features.Video` feature."""
+    return [encode_frame(frame) for frame in video]
+
+
+def audio_to_int16(audio: np.ndarray) -> np.ndarray:
+    """float32 [S] in [-1, 1] -> int16 [S] (what is stored)."""
+    return np.round(np.clip(audio, -1.0, 1.0) * AUDIO_SCALE).astype(np.int16)
+
+
+def clip_example(video: np.ndarray, audio: np.ndarray, num_snippets: int, audio_missing: bool, source: str,
+                 texts) -> dict:
+    """The stored example (`data/spec.py`) of one decoded clip and its texts (objects with the
+    `spec.TEXT_FIELDS` as attributes, e.g. `data.builders.splits.Text`)."""
+    from data.spec import TEXT_FIELDS
+
+    if not texts:
+        raise ValueError(f"clip_example: {source} has no text")
+    return {"video": encode_frames(video), "audio": audio_to_int16(audio), "num_snippets": num_snippets,
+            "audio_missing": audio_missing, "source": source,
+            "texts": [{field: getattr(t, field) for field in TEXT_FIELDS} for t in texts]}

@@ -4,6 +4,7 @@ Clips are tiny real h264/aac files (64x48, 1.5 s) built with `data.encode.write_
 uses the "tiny" geometry (8 fps, 2-frame snippets, 32 px), so 1.5 s of video gives 4 snippets.
 """
 
+import collections
 import csv
 import json
 import os
@@ -535,6 +536,17 @@ def test_msrvtt_qa_build_end_to_end(media, tmp_path):
         _check_schema(example)
     assert {(r["file"], r["reason"], r["annotation"], r["line"]) for r in _report(builder)} == {
         ("videos/video5.mp4", "not_found", "train_qa.json", 3), ("", "bad_annotation", "train_qa.json", 4)}
+
+    # The built-in task asks each question of the stored clip: once per evaluation pass, once per epoch.
+    from data import pipeline
+    from test_data_pipeline import ids, make_config
+
+    config = make_config(task="local_media_msrvtt_qa_tiny", tfds_data_dir=str(tmp_path / "out"), batch_size=4)
+    (batch,) = list(pipeline.make_eval_iterator(config, "train", 0, 1))
+    assert sorted(ids(batch)) == ["how does it sound?", "what is shown?"]
+    trained = pipeline.make_input_iterator(config, "train", 0, 1)
+    asked = collections.Counter(q for _ in range(5) for q in ids(next(trained)))  # 10 epochs of 2 questions
+    assert sorted(asked) == ["how does it sound?", "what is shown?"] and min(asked.values()) >= 4, asked
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"no shared samples at {SAMPLES}")

@@ -5,7 +5,7 @@ table of every figure with its target.
 
 1. peer_train_step.py (creates the peer's venv on first use), 2. video_length.py, 3. decode.py,
 then step_profile.py: where our step's time goes (part 1 of the benchmarks issue asks for it while
-its targets are not met).
+its targets are not met), then the data benchmarks data_build.py and input_pipeline.py.
 Each prints its own tables and appends its row to benchmarks/RESULTS.md. accelerator.py is not
 run here: it needs a GPU or TPU.
 
@@ -13,7 +13,10 @@ The benchmarks run on jemalloc when this machine has it (`--allocator auto`, the
 hands freed buffers over 32 MiB back to the kernel, so XLA's per-step temporaries are page-faulted
 and zeroed again every step, a cost that swings with the neighbours' load on a shared machine
 (benchmarks/README.md, "The allocator"; mirasol3b/allocator.py). Both sides of every comparison get
-the same allocator.
+the same allocator. The data benchmarks run on the system malloc whatever `--allocator` says: what
+the input pipeline runs on in training (launch/tpu_run.sh preloads nothing), and jemalloc with its
+decay off made the one-core input pipeline slower here (7.7-12.1 examples/s against 13.6-13.9: it
+allocates a fresh 19 MB clip per example).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo's mirasol3b, also when not installed
 from mirasol3b.allocator import CHOICES, allocator_env  # noqa: E402  (no jax import)
 
-BENCHMARKS = ("peer_train_step.py", "video_length.py", "decode.py", "step_profile.py")
+BENCHMARKS = ("peer_train_step.py", "video_length.py", "decode.py", "step_profile.py", "data_build.py",
+              "input_pipeline.py")
+SYSTEM_MALLOC = ("data_build.py", "input_pipeline.py")
 
 
 def main() -> None:
@@ -42,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     extra = (["--quick"] if args.quick else []) + (["--no-write"] if args.no_write else [])
     env, said = allocator_env(args.allocator, dict(os.environ, BENCH_RUNNER="make bench"))
-    print(said, flush=True)
+    system_env, _ = allocator_env("system", dict(os.environ, BENCH_RUNNER="make bench"))
+    print(said + f"; {', '.join(SYSTEM_MALLOC)} on the system malloc", flush=True)
 
     start = time.perf_counter()
     failed, walls = [], {}
@@ -52,7 +58,7 @@ def main() -> None:
             print(f"\n==== {script} " + "=" * max(0, 70 - len(script)), flush=True)
             t = time.perf_counter()
             code = subprocess.call([sys.executable, os.path.join(HERE, script), "--summary", summary, *extra],
-                                   env=env)
+                                   env=system_env if script in SYSTEM_MALLOC else env)
             walls[script] = time.perf_counter() - t
             if code:
                 failed.append(f"{script} (exit {code})")

@@ -384,10 +384,12 @@ def _video_stream(path: str, container):
 
 
 def decode_clip(path: str | os.PathLike, spec: MediaSpec, start_seconds: float = 0.0, *,
-                timeout_seconds: float | None = None) -> Clip:
+                timeout_seconds: float | None = None, threads: int = 0) -> Clip:
     """Decodes whole snippets of `path` from `start_seconds` (measured from the first frame) on,
     at most `spec.max_snippets` of them, within `timeout_seconds` (None: DECODE_TIMEOUT_SECONDS).
-    Raises MediaError; see the module docstring for timing."""
+    `threads`: FFmpeg's decoding threads per stream (0: as many as it sees fit; 1 where the
+    caller runs one decode per core itself, as Beam workers do). Raises MediaError; see the
+    module docstring for timing."""
     path = os.fspath(path)
     start = Fraction(start_seconds).limit_denominator(1_000_000)
     if start < 0:
@@ -399,7 +401,7 @@ def decode_clip(path: str | os.PathLike, spec: MediaSpec, start_seconds: float =
     try:
         _check_file(path)  # inside: a file removed between its checks is a MediaError too
         with _open(path, deadline) as container:
-            return _decode(path, container, spec, start, deadline)
+            return _decode(path, container, spec, start, deadline, threads)
     except MediaError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as e:
@@ -412,7 +414,7 @@ def decode_clip(path: str | os.PathLike, spec: MediaSpec, start_seconds: float =
         raise MediaError(path, "undecodable", f"unexpected {type(e).__name__} in the decoder: {e}") from e
 
 
-def _decode(path: str, container, spec: MediaSpec, start: Fraction, deadline: _Deadline) -> Clip:
+def _decode(path: str, container, spec: MediaSpec, start: Fraction, deadline: _Deadline, threads: int) -> Clip:
     video_stream = _video_stream(path, container)
     if video_stream is None:
         raise MediaError(path, "no_video_stream", f"streams: {[s.type for s in container.streams] or 'none'}")
@@ -423,6 +425,7 @@ def _decode(path: str, container, spec: MediaSpec, start: Fraction, deadline: _D
     for stream in (video_stream, audio_stream):
         if stream is not None:
             stream.thread_type = "AUTO"
+            stream.thread_count = threads
 
     seeked = start > _SEEK_AFTER and video.origin is not None
     if seeked:

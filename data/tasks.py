@@ -110,6 +110,13 @@ def add_media_task(name: str, source: seqio.DataSource, *, vocabulary: seqio.Voc
         shuffle_buffer_size=shuffle_buffer_size)
 
 
+# TFDS keeps a dataset under 250 MiB on disk in memory after the first pass, decoded (`try_autocache`):
+# with frames stored as images that is ~15x its size on disk (a 250 MiB set of 224 px clips: ~4 GB
+# a host, on top of the shuffle buffer). Off for every TFDS source read through seqio in this
+# process; a task module that sets seqio's override itself (imported after this one) wins.
+seqio.utils.set_tfds_read_config_override(tfds.ReadConfig(try_autocache=False))
+
+
 def tfds_source(tfds_name: str, data_dir: str | None) -> seqio.TfdsDataSource:
     """A lazily loaded, never built-on-read TFDS source with our splits."""
     return seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir, splits=SPLITS, read_only=True)

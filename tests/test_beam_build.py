@@ -34,14 +34,17 @@ def _beam_config(manual: Path, options: str = TWO_PROCESSES) -> tfds.download.Do
                                         .PipelineOptions(flags))
 
 
-def test_two_worker_processes_give_the_local_build_and_its_report(media, tmp_path, capsys):  # noqa: F811
+def test_tfds_build_on_two_worker_processes_gives_the_local_build_and_its_report(media, tmp_path, capsys):  # noqa: F811
+    """The command the docs give (`tfds build ... --beam_pipeline_options=...`): its workers import the
+    builder file's code, which `tfds` loaded under another module name."""
     manual = _manual_dir(tmp_path, media, MIXED)
     local = local_media.Builder(config="tiny", data_dir=str(tmp_path / "local"))
     local.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-    capsys.readouterr()
+    done = subprocess.run(_tfds_build(manual, tmp_path / "beam"), cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     beam = local_media.Builder(config="tiny", data_dir=str(tmp_path / "beam"))
-    beam.download_and_prepare(download_config=_beam_config(manual))
-    _check_mixed_build(beam, capsys.readouterr().out)  # every skipped text reported, the same summary
+    _check_mixed_build(beam, done.stdout)  # every skipped text reported, the same summary
     assert sorted(map(json.dumps, _report(beam))) == sorted(map(json.dumps, _report(local)))
     assert not (skipped_report_path(beam).parent / "skipped.parts").exists()
     for split in ("train", "test"):
@@ -54,6 +57,11 @@ def test_two_worker_processes_give_the_local_build_and_its_report(media, tmp_pat
                     assert {f: list(v) for f, v in a[key].items()} == {f: list(v) for f, v in b[key].items()}
                 else:
                     np.testing.assert_array_equal(a[key], b[key])
+
+
+def _tfds_build(manual: Path, out: Path) -> list[str]:
+    return [str(Path(sys.executable).parent / "tfds"), "build", "data/builders/local_media", "--config=tiny",
+            f"--manual_dir={manual}", f"--data_dir={out}", f"--beam_pipeline_options={TWO_PROCESSES}"]
 
 
 def _workers(build: subprocess.Popen) -> list[psutil.Process]:
@@ -77,9 +85,7 @@ def test_a_killed_worker_fails_the_build_with_a_clear_message_and_no_dataset(med
     waits on forever. The watch stops the build within seconds."""
     manual = _manual_dir(tmp_path, media, MIXED)
     out = tmp_path / "out"
-    command = [str(Path(sys.executable).parent / "tfds"), "build", "data/builders/local_media", "--config=tiny",
-               f"--manual_dir={manual}", f"--data_dir={out}", f"--beam_pipeline_options={TWO_PROCESSES}"]
-    build = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    build = subprocess.Popen(_tfds_build(manual, out), cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

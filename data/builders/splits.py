@@ -34,6 +34,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +48,18 @@ PARTS_DIR = "skipped.parts"
 _TFDS_EMPTY_SPLIT = re.compile(r"generated examples is 0 for split (\w+)")
 
 Outcome = Any  # (key, example) or Skipped
+
+
+def travel_by_value(module_name: str) -> None:
+    """Call at the end of a builder file: when `tfds build data/builders/NAME` imported it under the
+    name `NAME.NAME`, which Beam's worker processes cannot import, its classes and functions are
+    pickled by value (the `data` package they use is imported as usual). Tried: without this every
+    worker failed with "No module named 'local_media'"."""
+    if module_name.startswith("data.builders."):
+        return
+    from apache_beam.internal.cloudpickle import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[module_name])
 
 
 class BeamBuildError(RuntimeError):
@@ -142,6 +155,13 @@ class ClipSplits:
                 parts.rmtree()
         return self._report
 
+    @property
+    def decode_threads(self) -> int:
+        """FFmpeg threads for each decode: on Beam one (each worker is one decode per core; FFmpeg's own
+        threads there only contend: 2 workers built 1.49x the clips a second of 1 with them, see
+        benchmarks/data_build.py), else FFmpeg's choice."""
+        return 1 if self._on_beam else 0
+
     def split(self, split: str, items: Sequence, make: Callable[[Any], list[Outcome]], workers: int = 1):
         """The value `_split_generators` returns for `split`: a generator, or a Beam PTransform."""
         if self._on_beam:
@@ -178,14 +198,15 @@ class ClipSplits:
             raise EmptySplitError(
                 f"{report.name}: every example of split {empty.group(1)!r} was skipped, so no dataset was written; "
                 f"see {report.path} for each file and reason") from failure
-        what = (str(failure) if isinstance(failure, _WorkerDied)
-                else f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[-1]}")
+        if isinstance(failure, _WorkerDied):
+            what = (f"{failure}. A worker that dies (killed, out of memory) stops a DirectRunner build; cluster "
+                    "runners retry a failed worker's clips themselves")
+        else:
+            what = f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[-1]}"
         raise BeamBuildError(
             f"{report.name}: the Beam pipeline failed, so no dataset was written (TFDS writes into a temporary folder "
-            f"and renames it only when every split is done): {what}. On DirectRunner this "
-            "is what a worker process that died (killed, out of memory) gives; cluster runners retry a failed "
-            f"worker's clips themselves. Rerun the same command to build again. Skipped so far: {report.path}"
-        ) from failure
+            f"and renames it only when every split is done): {what}. Rerun the command to build again (it starts "
+            f"over). Skipped so far: {report.path}") from failure
 
 
 class _WorkerDied(BaseException):

@@ -21,7 +21,7 @@ except ImportError:  # `tfds build data/builders/local_media` imports this file 
 from data import readers, storage
 from data.builders import FileCodePath
 from data.builders.report import SkipExample, Skipped
-from data.builders.splits import ClipSplits, Text, clip_outcomes
+from data.builders.splits import ClipSplits, Text, clip_outcomes, travel_by_value
 from data.spec import MediaSpec, example_features
 
 # Media geometry presets, equal to what configs/tiny.py, configs/mirasol3b.py and configs/long_video.py
@@ -185,7 +185,7 @@ class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"{self.name}/{self.builder_config.name}: the annotations in {manual_dir} hold no entries")
         self.info.metadata[FINGERPRINT_KEY] = fingerprint  # written with the dataset, only if the build succeeds
         self.report(sorted(splits))
-        make = _Maker(manual_dir, self.builder_config.spec)
+        make = _Maker(manual_dir, self.builder_config.spec, self.decode_threads)
         return {split: self.split(split, _clips(manual_dir, items), make) for split, items in sorted(splits.items())}
 
     def _generate_examples(self, **kwargs):  # `_split_generators` returns the generators itself
@@ -325,8 +325,8 @@ def _clips(manual_dir: Path, items) -> list:
 class _Maker:
     """Work item -> [(key, example)] or its `Skipped` rows (one per text of a clip that fails)."""
 
-    def __init__(self, manual_dir: Path, spec: MediaSpec):
-        self.manual_dir, self.spec = manual_dir, spec
+    def __init__(self, manual_dir: Path, spec: MediaSpec, threads: int = 0):
+        self.manual_dir, self.spec, self.threads = manual_dir, spec, threads
 
     def __call__(self, item) -> list:
         if isinstance(item, Skipped):
@@ -338,7 +338,10 @@ class _Maker:
     def _example(self, video: str, start: float, source: str, texts) -> dict:
         from data.media import decode_clip  # imported here: the decoder is only needed to build
 
-        clip = decode_clip(_media_path(self.manual_dir, video), self.spec, start_seconds=start)
+        clip = decode_clip(_media_path(self.manual_dir, video), self.spec, start_seconds=start, threads=self.threads)
         if clip.audio_missing and self.spec.missing_audio != "silence":  # the decoder's job; a cheap guard
             raise SkipExample("no_audio_track", "the decoder returned silence under missing_audio='skip'")
         return storage.clip_example(clip.video, clip.audio, clip.num_snippets, clip.audio_missing, source, texts)
+
+
+travel_by_value(__name__)

@@ -29,7 +29,7 @@ except ImportError:  # `tfds build data/builders/synthetic_avqa` imports this fi
 from data import storage, synthetic
 from data.builders import FileCodePath
 from data.builders.report import SkipExample
-from data.builders.splits import ClipSplits, Text, clip_outcomes
+from data.builders.splits import ClipSplits, Text, clip_outcomes, travel_by_value
 from data.spec import MediaSpec, example_features
 
 # Media geometry, equal to what configs/tiny.py asks for (a test keeps them equal); literal here
@@ -127,7 +127,7 @@ class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
         self.report(synthetic.SPLITS)
-        make, k = _Maker(cfg), cfg.clips_per_file
+        make, k = _Maker(cfg, self.decode_threads), cfg.clips_per_file
         return {split: self.split(split, [(split, tuple(range(start, min(start + k, size))))
                                           for start in range(0, size, k)], make, workers=cfg.workers)
                 for split, size in cfg.split_sizes.items()}
@@ -144,8 +144,8 @@ class _Maker:
     start-up, not the coding, is most of the cost of a clip this short.
     """
 
-    def __init__(self, cfg: SyntheticAvqaConfig):
-        self.cfg, self.spec, self.source = cfg, cfg.spec, cfg.source
+    def __init__(self, cfg: SyntheticAvqaConfig, threads: int = 0):
+        self.cfg, self.spec, self.source, self.threads = cfg, cfg.spec, cfg.source, threads
 
     def questions(self, split: str, index: int, qa: synthetic.QA) -> list[Text]:
         """The clip's questions: one on evaluation splits, `train_questions_per_clip` on train. `line`
@@ -166,7 +166,8 @@ class _Maker:
             write_clip(path, np.concatenate([frames for _, frames, _ in drawn]), source.fps,
                        np.concatenate([audio for _, _, audio in drawn]), source.sample_rate)
             try:
-                run = decode_clip(path, dataclasses.replace(spec, num_frames=len(drawn) * spec.num_frames))
+                run = decode_clip(path, dataclasses.replace(spec, num_frames=len(drawn) * spec.num_frames),
+                                  threads=self.threads)
             except MediaError as e:
                 run = e  # each clip of the run is skipped with it, below
         out = []
@@ -186,3 +187,6 @@ class _Maker:
         frames, samples = spec.num_frames, snippets * spec.samples_per_snippet
         return storage.clip_example(run.video[k * frames:(k + 1) * frames], run.audio[k * samples:(k + 1) * samples],
                                     snippets, run.audio_missing, key, texts)
+
+
+travel_by_value(__name__)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
+import tempfile
 import time
 from fractions import Fraction
 
@@ -39,7 +41,7 @@ from data.spec import MediaSpec
 
 MEDIA_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".ogv")
 REASONS = ("not_found", "empty_file", "wrong_extension", "undecodable", "truncated", "no_video_stream",
-           "no_audio_track", "too_short", "timed_out")
+           "no_audio_track", "too_short", "timed_out", "unreadable")
 # Per-file time limit. Only the window is decoded and the rest of the file is demuxed without
 # decoding to find its end, so a healthy file takes seconds, an hour-long one of a few GB on a slow
 # network mount some tens of seconds; 120 s leaves that a margin while a read stuck on a dead mount
@@ -389,8 +391,11 @@ def decode_clip(path: str | os.PathLike, spec: MediaSpec, start_seconds: float =
     at most `spec.max_snippets` of them, within `timeout_seconds` (None: DECODE_TIMEOUT_SECONDS).
     `threads`: FFmpeg's decoding threads per stream (0: as many as it sees fit; 1 where the
     caller runs one decode per core itself, as Beam workers do). Raises MediaError; see the
-    module docstring for timing."""
+    module docstring for timing. `path` may be in a bucket (`gs://...`): it is copied to a local
+    temporary file first, and errors name it as given."""
     path = os.fspath(path)
+    if "://" in path:
+        return _decode_remote(path, spec, start_seconds, timeout_seconds=timeout_seconds, threads=threads)
     start = Fraction(start_seconds).limit_denominator(1_000_000)
     if start < 0:
         raise ValueError(f"decode_clip: start_seconds must be >= 0, got {start_seconds}")
@@ -412,6 +417,28 @@ def decode_clip(path: str | os.PathLike, spec: MediaSpec, start_seconds: float =
         # Safety net: a caller gets a MediaError for any file. "unexpected" marks a cause not
         # handled above; the fuzz tests fail on it, so each new one gets its own fix.
         raise MediaError(path, "undecodable", f"unexpected {type(e).__name__} in the decoder: {e}") from e
+
+
+def _decode_remote(uri: str, spec: MediaSpec, start_seconds: float, **kwargs) -> Clip:
+    """`decode_clip` of a file in a bucket: PyAV reads local files, so it is copied to a temporary one."""
+    from etils import epath
+
+    try:
+        source = epath.Path(uri)
+        if not source.exists():
+            raise MediaError(uri, "not_found", "no such object")
+        with tempfile.TemporaryDirectory(prefix="decode_clip_") as tmp:
+            local = os.path.join(tmp, "clip" + os.path.splitext(uri)[1])
+            with source.open("rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            try:
+                return decode_clip(local, spec, start_seconds, **kwargs)
+            except MediaError as e:
+                raise MediaError(uri, e.reason, e.detail.replace(local, uri)) from None
+    except MediaError:
+        raise
+    except Exception as e:  # the bucket's client: permissions, network
+        raise MediaError(uri, "unreadable", f"cannot read it: {type(e).__name__}: {e}") from e
 
 
 def _decode(path: str, container, spec: MediaSpec, start: Fraction, deadline: _Deadline, threads: int) -> Clip:

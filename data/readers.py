@@ -10,7 +10,8 @@ with optional "start" (seconds into the file) and "split". Every reader yields `
 `line` is the 1-based line of a JSONL/CSV file or the 1-based entry of a JSON list, `item` is a
 record or, for a row that cannot be read, a `BadRow` — never an exception — so that a builder
 counts it in its report and goes on. `check_record` turns a record into the text fields of an
-example (`data/spec.py`) or a `BadRow`.
+example (`data/spec.py`) or a `BadRow`. Files and folders may be local or in a bucket (`gs://`):
+they are read through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import io
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from etils import epath
 
 from data.spec import DEFAULT_PROMPTS
 
@@ -118,10 +121,30 @@ def check_record(record: Any) -> Record | BadRow:
     return Record(video, float(start), split, kind, prompt, answer, question_type)
 
 
+def _open_text(path, newline: str | None = None) -> io.StringIO:
+    """A text file, local or in a bucket, read whole (annotation files are small) as `open` would
+    give it (`newline=""` for CSV)."""
+    return io.StringIO(epath.Path(path).read_bytes().decode(ENCODING), newline=newline)
+
+
+def _listdir(folder) -> list[str]:
+    folder = epath.Path(folder)
+    return [p.name for p in folder.iterdir()] if folder.is_dir() else []
+
+
+def _walk(folder):
+    """(folder, dirs, files) below `folder`; locally through symlinked folders too."""
+    if "://" not in os.fspath(folder):
+        yield from os.walk(folder, followlinks=True)
+        return
+    for root, dirs, files in epath.Path(folder).walk():
+        yield os.fspath(root), dirs, files
+
+
 def read_manifest(path: str | os.PathLike) -> Iterator[tuple[int, dict | BadRow]]:
     """`manifest.jsonl`: one JSON object per line; blank lines are ignored. A line that is not
     JSON is a `BadRow("bad_manifest_line")`; fields are checked by `check_record`."""
-    with open(path, encoding=ENCODING) as f:
+    with _open_text(path) as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -136,7 +159,7 @@ def _bad(detail: str, video: str = "") -> BadRow:
 
 
 def _load_json(path):
-    with open(path, encoding=ENCODING) as f:
+    with _open_text(path) as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -185,14 +208,14 @@ class _VideoIndex:
 
     def __init__(self, video_dir):
         self.video_dir = video_dir
-        self.top = set(os.listdir(video_dir)) if os.path.isdir(video_dir) else set()
+        self.top = set(_listdir(video_dir))
         self.below: dict[str, str] | None = None
 
     def path(self, name: str) -> str:
         if name not in self.top:
             if self.below is None:
                 self.below = {}
-                for root, dirs, files in os.walk(self.video_dir, followlinks=True):
+                for root, dirs, files in _walk(self.video_dir):
                     dirs.sort()  # the first of several copies (e.g. arrange_by_classes links) is stable
                     for file in sorted(files):
                         self.below.setdefault(file, os.path.join(root, file))
@@ -205,8 +228,7 @@ def _listing(video_dir) -> dict[str, str]:
     """stem -> file name for the videos in `video_dir` (one listing instead of a stat per row);
     the earliest of VIDEO_EXTENSIONS wins when a stem has several."""
     out: dict[str, str] = {}
-    names = os.listdir(video_dir) if os.path.isdir(video_dir) else []
-    for name in names:
+    for name in _listdir(video_dir):
         stem, ext = os.path.splitext(name)
         if ext in VIDEO_EXTENSIONS and (stem not in out or VIDEO_EXTENSIONS.index(ext) <
                                         VIDEO_EXTENSIONS.index(os.path.splitext(out[stem])[1])):
@@ -243,7 +265,7 @@ def read_activitynet_qa(questions_json, answers_json, video_dir) -> Iterator[tup
 
 def _csv_rows(path, header: bool) -> Iterator[tuple[int, dict | list]]:
     """(line number, row) of a CSV file; a DictReader's rows when it has a header."""
-    with open(path, encoding=ENCODING, newline="") as f:
+    with _open_text(path, newline="") as f:
         rows = csv.DictReader(f) if header else csv.reader(f)
         for row in rows:
             if row and any((v or "").strip() for v in (row.values() if header else row) if isinstance(v, str)):
@@ -323,7 +345,7 @@ def read_kinetics_sound(csv_path, video_dir, classes: Iterable[str] | None = Non
     `video_dir` or any folder below it (the crawler's `<label>/`, CVDF's `<split>/`). A file with
     no label column (the 600/700 test sets) raises `UnlabelledSplitFile` before any row."""
     keep = None if classes is None else {c.strip() for c in classes if c.strip()}
-    with open(csv_path, encoding=ENCODING, newline="") as f:
+    with _open_text(csv_path, newline="") as f:
         header = next(csv.reader(f), [])
     if "label" not in [h.strip() for h in header]:
         raise UnlabelledSplitFile(f"{csv_path} has no label column (header {','.join(header)}): an unlabelled "
@@ -350,5 +372,4 @@ def read_kinetics_sound(csv_path, video_dir, classes: Iterable[str] | None = Non
 
 def read_class_list(path) -> list[str]:
     """One class name per line (blank lines and '#' comments ignored), e.g. the Kinetics-Sound classes."""
-    return [s.strip() for s in Path(path).read_text(encoding=ENCODING).splitlines()
-            if s.strip() and not s.lstrip().startswith("#")]
+    return [s.strip() for s in _open_text(path).read().splitlines() if s.strip() and not s.lstrip().startswith("#")]

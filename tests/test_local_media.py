@@ -23,6 +23,8 @@ from data import readers
 from data.builders.local_media import local_media
 from data.builders.report import EmptySplitError, skipped_report_path
 from data.encode import ffmpeg_exe, write_clip
+from data.media import MediaError, decode_clip
+from test_remote_paths import fake_bucket  # noqa: F401
 from data.spec import DEFAULT_PROMPTS, MediaSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,12 +260,22 @@ def test_a_split_name_a_letter_off_a_standard_one_is_a_bad_line():
         assert readers.check_record({"video": "a.mp4", "caption": "x", "split": name}).split == split
 
 
-def test_a_manual_dir_in_a_bucket_is_refused_saying_what_to_do(tmp_path):
-    builder = local_media.Builder(config="tiny", data_dir=str(tmp_path / "out"))
-    with pytest.raises(ValueError, match=r"manual dir gs://bucket/media is not a local folder.*gcloud storage cp -r "
-                                         r"gs://bucket/media MEDIA.*--data_dir.*may be gs://"):
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir="gs://bucket/media"))
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.tfrecord*"))
+def test_a_manual_dir_in_a_bucket_builds_as_a_local_one(media, tmp_path, fake_bucket, capsys):  # noqa: F811
+    """What a cluster's workers read: annotations and clips in gs:// (here the fake bucket of
+    test_remote_paths), built here and on Beam (in-process runner), with every skip reported."""
+    shutil.copytree(_manual_dir(tmp_path, media, MIXED), fake_bucket / "bucket" / "media")
+    for name, options in (("local", None), ("beam", ["--direct_running_mode=in_memory"])):
+        import apache_beam as beam
+
+        config = tfds.download.DownloadConfig(manual_dir="gs://bucket/media", beam_options=options and
+                                              beam.options.pipeline_options.PipelineOptions(options))
+        builder = local_media.Builder(config="tiny", data_dir=str(tmp_path / name))
+        builder.download_and_prepare(download_config=config)
+        _check_mixed_build(builder, capsys.readouterr().out)
+        missing = next(r for r in _report(builder) if r["file"] == "clips/missing.mp4")
+        assert missing["detail"] == "no such object"  # looked for in the bucket, not on this disk
+    with pytest.raises(MediaError, match="gs://bucket/media/clips/garbage.mp4: undecodable"):
+        decode_clip("gs://bucket/media/clips/garbage.mp4", TINY)
 
 
 def test_a_rebuild_over_changed_annotations_or_media_fails_until_overwrite(media, tmp_path, monkeypatch):

@@ -174,22 +174,20 @@ def test_build_report_in_a_gs_data_dir(fake_bucket, monkeypatch):
     assert os.fspath(path) == "gs://bucket/tfds/local_media/tiny/skipped.jsonl"
     build = report.BuildReport(_Builder(), ["train"])
     written = fake_bucket / "bucket" / "tfds" / "local_media" / "tiny" / "skipped.jsonl"
-    build.skip("train", "a.mp4", "empty_file", annotation="manifest.jsonl", line=3)
-    build.skip("train", "b.mp4", "no_audio_track")
+    build.skip("train", report.Skipped("a.mp4", "empty_file", annotation="manifest.jsonl", line=3))
+    build.skip("train", report.Skipped("b.mp4", "no_audio_track"))
     assert written.read_text() == ""  # an object is rewritten whole, not once a row: held back...
     monkeypatch.setattr(report, "REMOTE_FLUSH_SECONDS", 0.0)
-    build.skip("train", "c.mp4", "too_short")  # ...for REMOTE_FLUSH_SECONDS
+    build.skip("train", report.Skipped("c.mp4", "too_short"))  # ...for REMOTE_FLUSH_SECONDS
     assert [json.loads(r)["file"] for r in written.read_text().splitlines()] == ["a.mp4", "b.mp4", "c.mp4"]
     monkeypatch.setattr(report, "REMOTE_FLUSH_SECONDS", 3600.0)
 
     def crashing():
-        yield "d"
+        yield [report.Skipped("d.mp4", "too_short")]
         raise RuntimeError("a bug mid-split")
 
-    def skip_d(item):
-        raise report.SkipExample("too_short")
     with pytest.raises(RuntimeError, match="a bug mid-split"):
-        list(build.generate("train", crashing(), skip_d, lambda item: {"key": item, "file": f"{item}.mp4"}))
+        list(build.generate("train", crashing()))
     rows = written.read_text().splitlines()  # the crash kept the row held back
     assert [json.loads(r)["file"] for r in rows] == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
     assert build.summary().endswith("report: gs://bucket/tfds/local_media/tiny/skipped.jsonl")

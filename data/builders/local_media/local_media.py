@@ -12,6 +12,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 try:
     import data.spec  # noqa: F401
@@ -136,8 +137,6 @@ class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
     def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
         """TFDS's, after `_check_manual_dir` when TFDS would reuse an existing dataset."""
         mode = (download_config or tfds.download.DownloadConfig()).download_mode
-        if download_config and download_config.manual_dir:
-            _local_manual_dir(download_config.manual_dir)  # before TFDS looks for it in the bucket
         if (not mode.overwrite_dataset and mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO
                 and self.data_path.exists()):
             self._check_manual_dir(download_dir, download_config)
@@ -149,8 +148,7 @@ class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
         given = download_config.manual_dir if download_config else None
         if not given and "://" in os.fspath(download_dir or self.data_dir_root):
             return  # TFDS's default manual dir inside a bucket: no clips could be there to compare
-        manual_dir = _local_manual_dir(given or Path(download_dir or os.fspath(self.data_dir_root / "downloads"))
-                                       / "manual")
+        manual_dir = _manual_dir(given or epath.Path(download_dir or self.data_dir_root / "downloads") / "manual")
         try:
             _, now = _read(self.builder_config.source, manual_dir)
         except NoAnnotationsError:  # nothing there to compare (a missing companion file is an error)
@@ -176,7 +174,7 @@ class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
                 f"one elsewhere with another --data_dir.")
 
     def _split_generators(self, dl_manager):
-        manual_dir = _local_manual_dir(dl_manager.manual_dir)
+        manual_dir = _manual_dir(dl_manager.manual_dir)
         records, fingerprint = _read(self.builder_config.source, manual_dir)
         splits = collections.defaultdict(list)
         for annotation, line, checked, default_split in records:
@@ -200,18 +198,15 @@ class NoAnnotationsError(FileNotFoundError):
     """The manual dir holds none of the source's annotation files."""
 
 
-def _local_manual_dir(path) -> Path:
-    """The manual dir as a local path; one in a bucket is refused (PyAV opens clips by local path, and
-    pathlib would turn `gs://b` into `gs:/b`)."""
+def _manual_dir(path) -> epath.Path:
+    """The manual dir, a local folder or one in a bucket (`gs://`: epath keeps the scheme, which
+    pathlib would turn into `gs:/`). Clips in a bucket are copied to a local temporary file to
+    decode (`data.media.decode_clip`)."""
     path = os.fspath(path)
-    if "://" in path:
-        raise ValueError(f"the manual dir {path} is not a local folder: the clips are decoded from local files. Copy "
-                         f"it first (`gcloud storage cp -r {path} MEDIA`) and pass --manual_dir=MEDIA; --data_dir, "
-                         "where the dataset is written, may be gs://")
-    return Path(os.path.expanduser(path))
+    return epath.Path(path if "://" in path else os.path.expanduser(path))
 
 
-def _annotation_files(source: str, manual_dir: Path):
+def _annotation_files(source: str, manual_dir: epath.Path):
     """[(annotation file name, default split, reader)] of the files present in the manual dir."""
     videos = str(manual_dir / VIDEO_DIR)
     if source == "manifest":
@@ -249,8 +244,9 @@ def _annotation_files(source: str, manual_dir: Path):
     return present
 
 
-def _read(source: str, manual_dir: Path):
+def _read(source: str, manual_dir: epath.Path):
     """([(annotation file, line, Record or BadRow, default split)], fingerprint) of the manual dir."""
+    manual_dir = epath.Path(manual_dir)
     files = _annotation_files(source, manual_dir)
     records = []
     for name, split, read in files:
@@ -263,7 +259,7 @@ def _read(source: str, manual_dir: Path):
     return records, _fingerprint(manual_dir, [name for name, _, _ in files] + extra, records)
 
 
-def _fingerprint(manual_dir: Path, annotation_files, records) -> dict:
+def _fingerprint(manual_dir: epath.Path, annotation_files, records) -> dict:
     """What a build reads from the manual dir, in short: the SHA-256 of each annotation file, and one of
     the path (relative to the manual dir) and size of every media file the records use (-1: no such
     file). Sizes, not mtimes: copying a folder seldom keeps mtimes, and a replaced clip (re-encoded,
@@ -272,7 +268,7 @@ def _fingerprint(manual_dir: Path, annotation_files, records) -> dict:
     annotations = {}
     for name in annotation_files:
         digest = hashlib.sha256()
-        with open(manual_dir / name, "rb") as f:
+        with (manual_dir / name).open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         annotations[name] = digest.hexdigest()
@@ -280,7 +276,7 @@ def _fingerprint(manual_dir: Path, annotation_files, records) -> dict:
     for _, _, record, _ in records:
         if isinstance(record, readers.Record) and record.video not in media:
             try:
-                media[record.video] = _media_path(manual_dir, record.video).stat().st_size
+                media[record.video] = _media_path(manual_dir, record.video).stat().length
             except OSError:
                 media[record.video] = -1
     sizes = sorted((_source(manual_dir, video), size) for video, size in media.items())
@@ -295,11 +291,11 @@ def _changed_files(built: dict, now: dict):
             yield name, "changed" if name in built and name in now else "was added" if name in now else "was removed"
 
 
-def _media_path(manual_dir: Path, video: str) -> Path:
+def _media_path(manual_dir: epath.Path, video: str) -> epath.Path:
     return manual_dir / video  # an absolute `video` stays as it is
 
 
-def _source(manual_dir: Path, video: str) -> str:
+def _source(manual_dir: epath.Path, video: str) -> str:
     """The media file relative to the manual dir (as given when it lies elsewhere)."""
     path = _media_path(manual_dir, video)
     try:
@@ -308,7 +304,7 @@ def _source(manual_dir: Path, video: str) -> str:
         return str(path)
 
 
-def _clips(manual_dir: Path, items) -> list:
+def _clips(manual_dir: epath.Path, items) -> list:
     """A split's work items: each clip (video, start, its Texts in annotation order), then each bad
     row as its `Skipped` outcome."""
     texts, bad = collections.defaultdict(list), []
@@ -325,7 +321,7 @@ def _clips(manual_dir: Path, items) -> list:
 class _Maker:
     """Work item -> [(key, example)] or its `Skipped` rows (one per text of a clip that fails)."""
 
-    def __init__(self, manual_dir: Path, spec: MediaSpec, threads: int = 0):
+    def __init__(self, manual_dir: epath.Path, spec: MediaSpec, threads: int = 0):
         self.manual_dir, self.spec, self.threads = manual_dir, spec, threads
 
     def __call__(self, item) -> list:

@@ -38,7 +38,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import common  # noqa: E402
 import natural_clips  # noqa: E402
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 

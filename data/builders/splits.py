@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from data.builders.report import BuildReport, EmptySplitError, Skipped
+from data.builders.report import BuildReport, EmptySplitError, Skipped, skippable
 
 COUNTERS = "mirasol3b.build"
 PARTS_DIR = "skipped.parts"
@@ -227,8 +228,6 @@ class _WorkerWatch:
 
     @classmethod
     def when_needed(cls, download_config) -> "_WorkerWatch | contextlib.nullcontext":
-        import contextlib
-
         options = download_config.beam_options if download_config else None
         if options is None or threading.current_thread() is not threading.main_thread():
             return contextlib.nullcontext()
@@ -300,8 +299,6 @@ def _counters(result) -> dict[str, int]:
 def clip_outcomes(key: str, file: str, texts: Sequence, load: Callable[[], dict]) -> list[Outcome]:
     """[(key, example)] with `load()`'s example, or a `Skipped` row for each of `texts` (objects with
     `annotation` and `line`) when it raises `MediaError` or `SkipExample`."""
-    from data.builders.report import skippable
-
     try:
         return [(key, load())]
     except skippable() as e:

@@ -32,7 +32,7 @@ def test_a_textured_frame_is_a_jpeg_within_the_floor():
     y, x = np.mgrid[0:224, 0:224]
     smooth = np.stack([128 + 60 * np.sin(x / 17.0 + c) * np.cos(y / 23.0) for c in range(3)], -1)
     frame = np.clip(smooth + rng.normal(0, 2, smooth.shape), 0, 255).astype(np.uint8)  # camera-like grain
-    encoded = storage.encode_frame(frame)
+    encoded, _ = storage.encode_frame(frame)
     assert encoded[:2] == b"\xff\xd8"  # JPEG
     assert storage.psnr_db(frame, _decoded(encoded)) >= storage.PSNR_FLOOR_DB
     assert len(encoded) < len(tf.io.encode_png(frame).numpy()) / 3
@@ -46,8 +46,24 @@ def test_a_flat_coloured_frame_whose_edges_jpeg_would_blur_stays_exact():
     for quality in (storage.JPEG_QUALITY, 90):
         assert storage.psnr_db(frame, _decoded(tf.io.encode_jpeg(frame, quality=quality).numpy())) < (
             storage.PSNR_FLOOR_DB)
-    encoded = storage.encode_frame(frame)
+    encoded, _ = storage.encode_frame(frame)
     np.testing.assert_array_equal(_decoded(encoded), frame)
+
+
+def test_a_clip_that_turns_from_flat_to_textured_keeps_every_frame_within_the_floor():
+    """Each frame's ladder starts where the previous frame's ended, less one rung: a scene change
+    from synthetic colours (PNG) to grain (JPEG) and back still holds the floor, in the cheaper codec."""
+    flat = np.full((6, 64, 64, 3), 90, np.uint8)
+    flat[:, 8:40, 10:50] = (220, 40, 40)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:64, 0:64]
+    smooth = np.stack([128 + 60 * np.sin(x / 9.0 + c) * np.cos(y / 11.0) for c in range(3)], -1)
+    textured = np.clip(smooth + rng.normal(0, 2, (6, 64, 64, 3)), 0, 255).astype(np.uint8)
+    video = np.concatenate([flat, textured, flat])
+    encoded = storage.encode_frames(video)
+    for frame, data in zip(video, encoded):
+        assert storage.psnr_db(frame, _decoded(data)) >= storage.PSNR_FLOOR_DB
+    assert [data[:2] for data in encoded] == [b"\x89P"] * 6 + [b"\xff\xd8"] * 6 + [b"\x89P"] * 6
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"no shared samples at {SAMPLES}")

@@ -56,7 +56,9 @@ def encode_frame(frame: np.ndarray, first_rung: int = 0) -> tuple[bytes, int]:
     for rung in range(first_rung, len(_JPEG_LADDER)):
         quality, subsample_chroma = _JPEG_LADDER[rung]
         encoded = tf.io.encode_jpeg(frame, quality=quality, chroma_downsampling=subsample_chroma).numpy()
-        if psnr_db(frame, tf.io.decode_image(encoded, channels=3).numpy()) >= PSNR_FLOOR_DB:
+        # decode_jpeg: the kernel tf.io.decode_image runs for JPEG, without its eager fallback path
+        # (6% of a Beam worker's time in a profile).
+        if psnr_db(frame, tf.io.decode_jpeg(encoded, channels=3).numpy()) >= PSNR_FLOOR_DB:
             if rung < len(_JPEG_LADDER) - 1:
                 return encoded, rung  # a natural frame: PNG would be several times larger
             jpeg = encoded

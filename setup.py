@@ -32,12 +32,17 @@ EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]==0.10.2"],
 }
 
+# The `data/` folder is the package `mirasol3b_data`: a `data` package of a user's own (on PYTHONPATH
+# beside their task modules) can then never shadow ours.
+DATA_PACKAGES = ["mirasol3b_data" + p[len("data"):] for p in setuptools.find_packages(include=["data", "data.*"])]
+
 setuptools.setup(
     name="mirasol3b",
     version="0.1.0",
     description="Mirasol3B: a multimodal autoregressive model for time-aligned and contextual modalities",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["mirasol3b", "mirasol3b.*", "configs", "data", "data.*"]),
+    packages=setuptools.find_packages(include=["mirasol3b", "mirasol3b.*", "configs"]) + DATA_PACKAGES,
+    package_dir={"mirasol3b_data": "data"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

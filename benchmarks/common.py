@@ -30,7 +30,7 @@ from flax import linen as nn  # noqa: E402
 from mirasol3b import configlib, sharding  # noqa: E402
 from mirasol3b.allocator import describe as describe_allocator  # noqa: E402
 from mirasol3b.model import Mirasol3B  # noqa: E402
-from mirasol3b.train.loop import global_batch, model_batch  # noqa: E402
+from mirasol3b.train.batches import global_batch, model_batch  # noqa: E402
 from mirasol3b.train.optimizer import make_optimizer  # noqa: E402
 from mirasol3b.train.random_batches import random_batch  # noqa: E402
 from mirasol3b.train.state import abstract_state, create_sharded_state, state_shardings  # noqa: E402

@@ -41,9 +41,9 @@ import natural_clips  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from data import storage  # noqa: E402
-from data.builders.local_media import local_media  # noqa: E402
-from data.media import MediaError, decode_clip  # noqa: E402
+from mirasol3b_data import storage  # noqa: E402
+from mirasol3b_data.builders.local_media import local_media  # noqa: E402
+from mirasol3b_data.media import MediaError, decode_clip  # noqa: E402
 
 CACHE = HERE / ".data-build-clips"
 SAMPLES = HERE.parents[1] / "shared" / "samples"

@@ -6,7 +6,7 @@ TFDS records, decode the frames, expand each clip into its questions, shuffle, c
 The dataset is `local_media/base_silence` (128 frames at 6.25 fps, 224 px) built from the clips of
 `data_build.py` (`natural_clips.py`) of 30 s and more, so every example fills its 128 frames, each
 clip three times (under other names), with 1 question a clip (a classification dataset: every example decodes its clip) and with 3 (the clip's frames are
-decoded once for its 3 examples). The input pipeline is `data.pipeline.make_input_iterator` under `configs/mirasol3b.py`
+decoded once for its 3 examples). The input pipeline is `mirasol3b_data.pipeline.make_input_iterator` under `configs/mirasol3b.py`
 (batch 8 here; the byte vocabulary), in a process pinned to one core (`sched_setaffinity`) with
 TensorFlow's thread pools at one thread. Target: >= 8 examples a second.
 
@@ -39,7 +39,7 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 tf.config.threading.set_intra_op_parallelism_threads(1)
 
 from configs import mirasol3b  # noqa: E402
-from data import pipeline  # noqa: E402
+from mirasol3b_data import pipeline  # noqa: E402
 
 TARGET = 8.0
 H200_STEP_S, H200_BATCH, H200_PEAK, V5P_PEAK, V5P_CHIPS_PER_HOST = 0.955, 16, 989e12, 459e12, 4

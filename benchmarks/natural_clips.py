@@ -5,7 +5,7 @@ Picture: a textured background (a sum of random low-frequency waves and fine det
 global lighting drift, three textured blobs moving on smooth random paths, and sensor noise (sigma
 2 of 255). Sound: pink-ish noise, harmonic tones with vibrato that start and stop, and bursts of
 band-passed noise at a syllable rate (about 4 a second), as in speech. H.264 (CRF 23, the x264
-default quality) with AAC, written by `data.encode.write_clip`.
+default quality) with AAC, written by `mirasol3b_data.encode.write_clip`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from data.encode import write_clip
+from mirasol3b_data.encode import write_clip
 
 
 def _field(rng: np.random.Generator, height: int, width: int, waves: int = 12) -> np.ndarray:

@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
     config.mesh_shape = (-1, 8, 1)
 
     m = config.model
-    # A 32k SentencePiece vocabulary: set data.vocab_path to its .model file (README, "Before the
+    # A 32k SentencePiece vocabulary: set data.vocab_path to its .model file (docs/pods.md, "Before the
     # first run"); the default byte vocabulary would use 259 of these rows.
     m.vocab_size = 32_000
     m.dtype = "bfloat16"
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None):
 
     # The latent loss stays the library default, contrastive (InfoNCE over the batch, both sides
     # trained), not our design notes' stop-gradient MSE target: that target was lowered by making every
-    # clip's latents alike (README "Design choices") [ours].
+    # clip's latents alike (docs/design.md, "Design choices") [ours].
     config.loss.latent_loss = "mse" if args.mse else "contrastive"
     if args.noncausal:
         m.time_aligned.causal = False

@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from data.storage import audio_to_int16
+from mirasol3b_data.storage import audio_to_int16
 
 # Container -> (video codec, audio codec) used when the caller names none.
 _DEFAULT_CODECS = {

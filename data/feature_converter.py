@@ -1,4 +1,4 @@
-"""Task examples -> the model batch (README, "The batch"), one example at a time (batching is the pipeline's).
+"""Task examples -> the model batch (docs/design.md, "The batch"), one example at a time (batching is the pipeline's).
 
 Task features in (what `data/tasks.py` outputs):
   prompt        int32 [P]            token ids, no EOS
@@ -39,8 +39,8 @@ import ml_collections
 import seqio
 import tensorflow as tf
 
-from data.spec import MediaSpec
-from data.vocab import BOS_ID, EOS_ID, PAD_ID
+from mirasol3b_data.spec import MediaSpec
+from mirasol3b_data.vocab import BOS_ID, EOS_ID, PAD_ID
 
 NOT_TRUNCATED, PROMPT_TRUNCATED, ANSWER_TRUNCATED = 0, 1, 2
 TEXT_FEATURES = ("prompt", "answer")

@@ -37,7 +37,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from data.spec import MediaSpec
+from mirasol3b import errors
+from mirasol3b_data.spec import MediaSpec
 
 MEDIA_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".ogv")
 REASONS = ("not_found", "empty_file", "wrong_extension", "undecodable", "truncated", "no_video_stream",
@@ -62,7 +63,7 @@ _SEEK_AFTER = 10.0
 _SEEK_LEAD = Fraction(1)
 
 
-class MediaError(Exception):
+class MediaError(errors.Error):
     """A file that cannot become an example. `reason` is a short stable code (one of `REASONS`),
     `detail` says what happened."""
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import seqio
 
-from data import tasks as tasks_lib
+from mirasol3b_data import tasks as tasks_lib
 
 
 def parse_rates(rates: str | Mapping[str, float] | Sequence[tuple[str, float]] | None) -> dict[str, float]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import difflib
+import importlib
 import json
 import weakref
 from collections.abc import Iterator
@@ -44,11 +45,11 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
-from data import feature_converter as fc
-from data import mixtures as mixtures_lib
-from data import tasks as tasks_lib
-from data import vocab as vocab_lib
-from mirasol3b import configlib
+from mirasol3b import errors
+from mirasol3b_data import feature_converter as fc
+from mirasol3b_data import mixtures as mixtures_lib
+from mirasol3b_data import tasks as tasks_lib
+from mirasol3b_data import vocab as vocab_lib
 
 _STATE_VERSION = 1
 # The host-side string fields of eval batches (see the module docstring).
@@ -58,6 +59,19 @@ EVAL_METADATA = ("question_type", "kind", "answer_text")
 def drop_metadata(batch: dict) -> dict[str, np.ndarray]:
     """`batch` without its host-side strings: what may become (global) jax arrays."""
     return {k: v for k, v in batch.items() if k not in EVAL_METADATA}
+
+
+def import_task_modules(config: ml_collections.ConfigDict) -> None:
+    """Imports `config.data.task_modules` (comma-separated), so the user's SeqIO tasks register."""
+    for name in filter(None, (m.strip() for m in config.data.task_modules.split(","))):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not e.name or not (name == e.name or name.startswith(e.name + ".")):
+                raise  # the module is there; something it imports is not (its traceback says what)
+            raise errors.ConfigError("data.task_modules", f"importable modules; there is no {e.name!r} on the module path "
+                              f"(run from the directory that holds {e.name}.py, or add it to PYTHONPATH)",
+                              config.data.task_modules) from e
 
 
 def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mixture:
@@ -71,7 +85,7 @@ def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mi
     # train/loop.py import them earlier), so the mixture read is also rebound below.
     tasks_lib.register_tasks(data_dir=config.data.tfds_data_dir or None, vocabulary=vocabulary,
                              shuffle_buffer_size=config.data.shuffle_buffer)
-    configlib.import_task_modules(config)  # registers the user's tasks (once per process)
+    import_task_modules(config)  # registers the user's tasks (once per process)
     mixtures_lib.register_mixtures()
     name = config.data.task
     rates = mixtures_lib.parse_rates(config.data.mixture_rates)
@@ -80,10 +94,10 @@ def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mi
     known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
-        raise configlib.ConfigError(
+        raise errors.ConfigError(
             "data.task", ("one of " + ", ".join(map(repr, close)) + "?" if close else "a registered SeqIO task or mixture")
             + f" ({len(known)} registered: {', '.join(sorted(known))}). Yours: register it with "
-            "data.tasks.add_media_task in a module named by --config.data.task_modules (README.md, 'Your own "
+            "mirasol3b_data.tasks.add_media_task in a module named by --config.data.task_modules (docs/data.md, 'Your own "
             "data: a SeqIO task')", name)
     provider = seqio.get_mixture_or_task(name)
     if isinstance(provider, seqio.Mixture):
@@ -91,9 +105,9 @@ def resolve_provider(config: ml_collections.ConfigDict) -> seqio.Task | seqio.Mi
     for task in tasks_lib.tasks_of(provider):
         task_vocab = task.output_features["prompt"].vocabulary
         if task_vocab != vocabulary:
-            raise configlib.ConfigError(
+            raise errors.ConfigError(
                 "data.vocab_path", f"the vocabulary task {task.name!r} tokenizes with ({task_vocab}), or register the "
-                "task with add_media_task(..., vocabulary=data.vocab.get_vocabulary(config)); the config's is "
+                "task with add_media_task(..., vocabulary=mirasol3b_data.vocab.get_vocabulary(config)); the config's is "
                 f"{vocabulary}", config.data.vocab_path)
     return provider
 
@@ -106,10 +120,10 @@ def check_eval_split(config: ml_collections.ConfigDict) -> None:
     try:
         tasks_lib.check_prepared(provider, split)  # TFDS sources: not built -> FileNotFoundError
     except ValueError as e:
-        raise configlib.ConfigError("eval.split", f"a split of the task ({e})", split) from e
+        raise errors.ConfigError("eval.split", f"a split of the task ({e})", split) from e
     for task in tasks_lib.tasks_of(provider):
         if split not in task.splits:
-            raise configlib.ConfigError("eval.split", f"a split of task {task.name!r}: {sorted(task.splits)}", split)
+            raise errors.ConfigError("eval.split", f"a split of task {task.name!r}: {sorted(task.splits)}", split)
 
 
 def local_batch_size(config: ml_collections.ConfigDict, num_shards: int) -> int:
@@ -170,7 +184,7 @@ def check_has_examples(provider, split: str, seed: int | None, shard_info: seqio
                 f"{kept}, though other shards have some; this host would wait for one forever and stall every host. "
                 f"Add such examples to the split (each of the {n} hosts needs one in its shard), train on fewer "
                 f"hosts, or {' or '.join(others) or 'use another task'}")
-        fixes = [f"Build the dataset from annotations that include {kinds[0]!r} examples (README.md, 'Your own data')"
+        fixes = [f"Build the dataset from annotations that include {kinds[0]!r} examples (docs/data.md, 'Your own data')"
                  if kinds else f"Make its source yield examples for {split!r}", *others]
         raise ValueError(f"{where} has no example in split {split!r}{kept}, so training would wait for one forever. "
                          + "; or ".join(fixes))

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 
 from etils import epath
 
-from data.spec import DEFAULT_PROMPTS
+from mirasol3b_data.spec import DEFAULT_PROMPTS
 
 MANIFEST_FIELDS = ("video", "question", "answer", "question_type", "caption", "label", "start", "split")
 # Split names go into file names; TFDS reserves "all".

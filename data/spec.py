@@ -77,7 +77,7 @@ def example_features(spec: MediaSpec):
     `audio` [frames / fps * sample_rate] int16 PCM hold whole snippets only (`num_snippets` of them,
     at most `spec.max_snippets`); padding to the model's length happens in the feature converter.
     `texts` holds one entry per question, caption or label asked of the clip (at least one); the
-    SeqIO tasks expand a clip into one training example per text (`data.tasks.per_text`).
+    SeqIO tasks expand a clip into one training example per text (`mirasol3b_data.tasks.per_text`).
     """
     import numpy as np
     import tensorflow_datasets as tfds

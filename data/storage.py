@@ -94,8 +94,8 @@ def audio_to_int16(audio: np.ndarray) -> np.ndarray:
 def clip_example(video: np.ndarray, audio: np.ndarray, num_snippets: int, audio_missing: bool, source: str,
                  texts) -> dict:
     """The stored example (`data/spec.py`) of one decoded clip and its texts (objects with the
-    `spec.TEXT_FIELDS` as attributes, e.g. `data.builders.splits.Text`)."""
-    from data.spec import TEXT_FIELDS
+    `spec.TEXT_FIELDS` as attributes, e.g. `mirasol3b_data.builders.splits.Text`)."""
+    from mirasol3b_data.spec import TEXT_FIELDS
 
     if not texts:
         raise ValueError(f"clip_example: {source} has no text")

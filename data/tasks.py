@@ -20,7 +20,7 @@ so a missing dataset is an error (`check_prepared` says how to build it), never 
 The data dir is `register_tasks(data_dir=...)` (the pipeline passes `config.data.tfds_data_dir`);
 when None, TFDS's own default: `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`.
 
-Your own task is one call (see README.md, "Your own data: a SeqIO task"):
+Your own task is one call (see docs/data.md, "Your own data: a SeqIO task"):
     add_media_task("my_task", seqio.FunctionDataSource(my_dataset_fn, splits=["train"]))
 """
 
@@ -33,7 +33,8 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data import spec as spec_lib
+from mirasol3b import errors
+from mirasol3b_data import spec as spec_lib
 
 SPLITS = ("train", "validation", "test")
 # Examples are whole clips (MBs at paper scale): the buffer's memory is this many decoded clips.
@@ -68,7 +69,7 @@ def output_features(vocabulary: seqio.Vocabulary | None = None) -> dict[str, seq
 def per_text(ds: tf.data.Dataset) -> tf.data.Dataset:
     """Clip examples (`data/spec.py`: `texts` and int16 `audio`) -> one example per text, with the
     clip's media (audio as float32 in [-1, 1]) and the text's fields as top-level keys."""
-    from data.storage import AUDIO_SCALE
+    from mirasol3b_data.storage import AUDIO_SCALE
 
     def expand(clip):
         media = {k: v for k, v in clip.items() if k != "texts"}
@@ -179,7 +180,7 @@ def check_prepared(provider: seqio.Task | seqio.Mixture, split: str) -> None:
             built = False
         if not built:
             _refuse_old_versions(task.name, dataset, config, name.partition(":")[2], data_dir, shown_dir)
-            raise FileNotFoundError(
+            raise errors.NotFoundError(
                 f"task {task.name!r}: TFDS dataset {name!r} is not built in {shown_dir}. Build it with "
                 f"`tfds build data/builders/{dataset} --config={config}"
                 f"{' --data_dir=' + data_dir if data_dir else ''}` (local_media also needs --manual_dir), or point "
@@ -201,7 +202,7 @@ def _refuse_old_versions(task: str, dataset: str, config: str, version, data_dir
         since = CLIP_LAYOUT_SINCE.get(dataset)
         why = (f"versions before {since} stored one example per text, each with its own copy of the clip; this release "
                "stores each clip once" if since else "this release reads another version")
-        raise FileNotFoundError(
+        raise errors.NotFoundError(
             f"task {task!r}: {dataset}/{config} in {shown_dir} is version {old}, and this release reads {version} "
             f"({why}). Rebuild it: `tfds build data/builders/{dataset} --config={config}"
             f"{' --data_dir=' + data_dir if data_dir else ''}` (local_media also needs --manual_dir); the old "

@@ -14,6 +14,8 @@ import ml_collections
 import seqio
 from etils import epath
 
+from mirasol3b import errors
+
 PAD_ID = 0
 EOS_ID = 1
 BOS_ID = PAD_ID
@@ -27,7 +29,7 @@ def get_vocabulary(config: ml_collections.ConfigDict) -> seqio.Vocabulary:
     path = config.data.vocab_path
     if path:
         if not epath.Path(path).exists():  # epath: a gs:// path too (seqio reads it with tf.io.gfile)
-            raise FileNotFoundError(f"config.data.vocab_path: no SentencePiece model at {path!r}; set it to an "
+            raise errors.NotFoundError(f"config.data.vocab_path: no SentencePiece model at {path!r}; set it to an "
                                     "existing .model file, or to '' for the byte vocabulary")
         vocab = seqio.SentencePieceVocabulary(path)
     else:

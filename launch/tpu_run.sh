@@ -206,7 +206,7 @@ for ((i = 0; i < ${#command_argv[@]}; i++)); do
   if [[ $workdir != *://* && $workdir != /* ]]; then
     die_usage "--workdir '$workdir' in the command is relative: on the workers it would be inside" \
       "the code directory $remote_dir, which the next launch replaces (checkpoints included). Use gs://BUCKET/PATH" \
-      "(every host of a slice must see the same directory; README.md, \"Before the first run\")"
+      "(every host of a slice must see the same directory; docs/pods.md, \"Before the first run\")"
   fi
 done
 
@@ -497,7 +497,7 @@ say "  $stop_command"
 set -m
 pids=()
 stop_workers() {
-  say "interrupted; the job goes on on the workers (README.md, \"Later runs, logs, stopping\")."
+  say "interrupted; the job goes on on the workers (docs/pods.md, \"Later runs, logs, stopping\")."
   say "follow it again: $attach_command"
   say "stop it: $stop_command"
   disown -a  # out of the job table first: bash would print a "Terminated" line for each

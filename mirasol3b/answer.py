@@ -3,8 +3,8 @@
     python -m mirasol3b.answer --workdir=DIR --video=clip.mp4 --question="what plays first?" [--config=...]
 
 The config is the one stored with `DIR`'s latest checkpoint unless `--config` is given (which may
-differ from it only in how the model computes: `evaluate.check_config_matches_checkpoint`). The file
-goes through the training pipeline: `data.media.decode_clip` at the config's geometry (at most
+differ from it only in how the model computes: `restore.check_config_matches_checkpoint`). The file
+goes through the training pipeline: `mirasol3b_data.media.decode_clip` at the config's geometry (at most
 `config.data.num_frames` frames from the start), then the feature converter (padding, media_mask,
 BOS + question tokens), then `config.eval`'s decoding. A file that cannot be read exits with
 status 1 and the file, reason and detail on stderr.
@@ -17,19 +17,17 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from mirasol3b import configlib, decoding, evaluate, sharding
-from mirasol3b.train import checkpoints
-from mirasol3b.train.loop import quiet_logging
+from mirasol3b import cli, configlib, decoding, errors, evaluate, sharding
+from mirasol3b.train import restore
 
 
 def prepare(config: ml_collections.ConfigDict, video_path: str, question: str, *,
             missing_audio: str = "skip") -> dict[str, np.ndarray]:
-    """The model batch (one row) of `video_path` and `question`. Raises `data.media.MediaError`.
+    """The model batch (one row) of `video_path` and `question`. Raises `mirasol3b_data.media.MediaError`.
     A model that does not read audio (`model.use_audio=False`) takes a file without an audio track."""
-    from data import media, spec
+    from mirasol3b_data import media, spec
 
     if not config.model.use_audio:
         missing_audio = "silence"  # never read: the file needs no audio track
@@ -37,8 +35,8 @@ def prepare(config: ml_collections.ConfigDict, video_path: str, question: str, *
     # Only now TensorFlow and SeqIO: a file that cannot be read fails in a second.
     import tensorflow as tf
 
-    from data import feature_converter as fc
-    from data import vocab
+    from mirasol3b_data import feature_converter as fc
+    from mirasol3b_data import vocab
 
     example = {"prompt": np.asarray(vocab.get_vocabulary(config).encode(question), np.int32),
                "answer": np.zeros([0], np.int32), "video": clip.video, "audio": clip.audio,
@@ -62,46 +60,44 @@ def answer(config: ml_collections.ConfigDict, params, video_path: str, question:
 def answer_batch(config: ml_collections.ConfigDict, params, batch: dict[str, np.ndarray], *,
                  mesh: jax.sharding.Mesh | None = None, decode: decoding.DecodeConfig | None = None) -> str:
     """The answer for a `prepare`d batch."""
-    from data import vocab
+    from mirasol3b_data import vocab
 
     configlib.validate_eval(config)
     tokens = evaluate.generate_tokens(config, params, batch, mesh, decode=decode)
     return vocab.get_vocabulary(config).decode(tokens[0].tolist())
 
 
-def _define_flags():
-    config = config_flags.DEFINE_config_file("config", None, "Config file (default: the one the workdir's "
-                                             "checkpoint stores).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints).")
-    flags.DEFINE_string("video", None, "The media file to answer about.")
-    flags.DEFINE_string("question", None, "The question.")
-    flags.DEFINE_enum("missing_audio", "skip", ["skip", "silence"],
-                      "A file without (usable) audio: 'skip' is an error, 'silence' fills zeros.")
-    evaluate.define_config_check_flag()
-    flags.mark_flags_as_required(["workdir", "video", "question"])
-    return config
+SHARED_FLAGS = cli.Shared(config=cli.OPTIONAL, config_help="Config file (default: the one the workdir's "
+                          "checkpoint stores).", workdir=cli.REQUIRED,
+                          workdir_help="The training run's workdir (its checkpoints).")
 
 
-def main(argv, config_flag) -> None:
-    from data.media import MediaError
+def define_flags(fv: flags.FlagValues) -> dict:
+    holders = {
+        "video": flags.DEFINE_string("video", None, "The media file to answer about.", flag_values=fv),
+        "question": flags.DEFINE_string("question", None, "The question.", flag_values=fv),
+        "missing_audio": flags.DEFINE_enum("missing_audio", "skip", ["skip", "silence"], "A file without (usable) "
+                                           "audio: 'skip' is an error, 'silence' fills zeros.", flag_values=fv),
+        "config_check": evaluate.define_config_check_flag(fv),
+    }
+    flags.mark_flags_as_required(["video", "question"], flag_values=fv)
+    return holders
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    quiet_logging()
-    try:
-        config = evaluate.resolve_config(config_flag.value, f.workdir, check=False)
-        # The file first: a bad one fails in a second, before the checkpoint is read.
-        batch = prepare(config, f.video, f.question, missing_audio=f.missing_audio)
-        if config_flag.value is not None and f.config_check:
-            evaluate.check_config_matches_checkpoint(config, f.workdir)
-        mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-        _, params = evaluate.restore_params(config, f.workdir, mesh)
+
+def main(args: cli.Args) -> None:
+    from mirasol3b_data.media import MediaError
+
+    cli.quiet_logging()
+    config = restore.eval_config(args.config, args.workdir, check=False)
+    try:  # the file first: a bad one fails in a second, before the checkpoint is read
+        batch = prepare(config, args.video, args.question, missing_audio=args.missing_audio)
     except MediaError as e:
         hint = " (--missing_audio=silence answers with silent audio)" if e.reason == "no_audio_track" else ""
-        sys.exit(f"error: cannot read video {e.path}: {e.reason}: {e.detail}{hint}")
-    except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError) as e:
-        sys.exit(f"error: {e}")
+        raise errors.Error(f"cannot read video {e.path}: {e.reason}: {e.detail}{hint}") from e
+    if args.config is not None and args.config_check:
+        restore.check_config_matches_checkpoint(config, args.workdir)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    _, params = restore.restore_params(config, args.workdir, mesh)
     text = answer_batch(config, params, batch, mesh=mesh)
     print(text, flush=True)
     if not text.strip():  # a blank line alone reads like a failure to print
@@ -109,5 +105,4 @@ def main(argv, config_flag) -> None:
 
 
 if __name__ == "__main__":
-    _CONFIG = _define_flags()
-    app.run(lambda argv: main(argv, _CONFIG), flags_parser=configlib.parse_flags)
+    cli.run(main, define_flags, SHARED_FLAGS)

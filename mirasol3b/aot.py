@@ -47,7 +47,7 @@ from flax import linen as nn
 from jax._src import xla_bridge  # backends_are_initialized: no public name for it
 from ml_collections import config_flags
 
-from mirasol3b import configlib, sharding
+from mirasol3b import cli, configlib, errors, sharding
 from mirasol3b.model import Mirasol3B
 from mirasol3b.train.optimizer import make_optimizer
 from mirasol3b.train.state import abstract_state, example_batch, state_shardings
@@ -71,7 +71,7 @@ _MAX_CHIPS = {"v5p": 8960, "v5e": 256, "v6e": 256}
 _MAX_DIM_2D = 16  # v5e and v6e slices are at most 16x16
 
 
-class AotError(ValueError):
+class AotError(errors.Error, ValueError):
     """A topology or backend this tool cannot use; the message says which and why."""
 
 
@@ -324,30 +324,37 @@ def _devices_for(topology: str | None, fake_devices: int | None, backend: str) -
                             f"for {what}; arguments/outputs exact, temporaries the CPU compiler's")
 
 
-def main(argv, config_flag, topology_flag, fake_devices_flag, backend_flag):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    topology, fake, backend = topology_flag.value, fake_devices_flag.value, backend_flag.value
+SHARED_FLAGS = cli.Shared(config=cli.REQUIRED, config_help="Config file, e.g. configs/mirasol3b.py[:ttm].")
+
+
+def define_flags(fv: flags.FlagValues) -> dict:
+    return {
+        "topology": flags.DEFINE_string("topology", None, "TPU slice: v5p:4x4x4, v5e:16x16, v5p-128, v5litepod-256.",
+                                        flag_values=fv),
+        "fake_devices": flags.DEFINE_integer("fake_devices", None, "Compile on the CPU backend with this many fake "
+                                             "devices.", flag_values=fv),
+        "backend": flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "cpu"], "auto: TPU when libtpu is installed, "
+                                     "else CPU on the slice's chip count.", flag_values=fv),
+    }
+
+
+def main(args: cli.Args) -> None:
+    topology, fake, backend = args.topology, args.fake_devices, args.backend
     if bool(topology) == bool(fake):
         raise app.UsageError("give exactly one of --topology (a TPU slice) and --fake_devices (CPU)")
     if fake and backend == "tpu":
         raise app.UsageError("--fake_devices is the CPU backend; --backend=tpu needs --topology")
     config_name = config_flags.get_config_filename(flags.FLAGS["config"])
-    try:  # bad fields, topology names and mesh shapes fail here, before anything is traced
-        config = configlib.validate(config_flag.value)
-        n = fake or parse_topology(topology)[1]
-        check_config(config, n)
-    except (configlib.ConfigError, AotError) as e:
-        sys.exit(f"error: {e}")
+    # Bad fields, topology names and mesh shapes fail here, before anything is traced.
+    config = configlib.validate(args.config)
+    n = fake or parse_topology(topology)[1]
+    check_config(config, n)
     if not xla_bridge.backends_are_initialized():
         # Nothing runs: the CPU backend is the only one started; TPU devices are compile-only.
         jax.config.update("jax_platforms", "cpu")
         if backend == "cpu" or fake or libtpu_version() is None:
             jax.config.update("jax_num_cpu_devices", n)
-    try:
-        devices, source = _devices_for(topology, fake, backend)
-    except AotError as e:
-        sys.exit(f"error: {e}")
+    devices, source = _devices_for(topology, fake, backend)
     report = compile_train_step(config, devices)
     print(format_report(report, config_name, source))
     print(json_line(report, config_name, source), flush=True)
@@ -356,10 +363,4 @@ def main(argv, config_flag, topology_flag, fake_devices_flag, backend_flag):
 
 
 if __name__ == "__main__":
-    _config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirasol3b.py[:ttm].")
-    _topology = flags.DEFINE_string("topology", None, "TPU slice: v5p:4x4x4, v5e:16x16, v5p-128, v5litepod-256.")
-    _fake = flags.DEFINE_integer("fake_devices", None, "Compile on the CPU backend with this many fake devices.")
-    _backend = flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "cpu"],
-                                 "auto: TPU when libtpu is installed, else CPU on the slice's chip count.")
-    flags.mark_flag_as_required("config")
-    app.run(lambda argv: main(argv, _config, _topology, _fake, _backend), flags_parser=configlib.parse_flags)
+    cli.run(main, define_flags, SHARED_FLAGS)

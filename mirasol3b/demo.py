@@ -16,14 +16,13 @@ import json
 import os
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
+
+from mirasol3b import cli, configlib, paths, sharding
 
 
-def _define_flags():
-    """Defined only when run as a program, so tests and other programs can import this module."""
-    return (config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True),
-            flags.DEFINE_string("workdir", "runs/demo", "Where everything is written."))
+SHARED_FLAGS = cli.Shared(config=cli.OPTIONAL, config_default="configs/tiny.py", config_help="Config file.",
+                          workdir=cli.OPTIONAL, workdir_default="runs/demo", workdir_help="Where everything is written.")
 
 
 def build_dataset(config):
@@ -31,8 +30,8 @@ def build_dataset(config):
     is built; returns that builder config (its seed and source drew the clips)."""
     import tensorflow_datasets as tfds
 
-    from data import tasks
-    from data.builders.synthetic_avqa import synthetic_avqa
+    from mirasol3b_data import tasks
+    from mirasol3b_data.builders.synthetic_avqa import synthetic_avqa
 
     names = {f"synthetic_avqa_{name}": name for name in tasks.SYNTHETIC_AVQA_CONFIGS}
     if config.data.task not in names:
@@ -54,11 +53,11 @@ def answer_example_clip(config, workdir: str, built) -> dict:
 
     One clip is one row: like `mirasol3b.answer`, the params are restored onto one device.
     """
-    from data import synthetic
-    from mirasol3b import evaluate, sharding
-    from data.encode import write_clip
-    from data.spec import MediaSpec
+    from mirasol3b_data import synthetic
+    from mirasol3b_data.encode import write_clip
+    from mirasol3b_data.spec import MediaSpec
     from mirasol3b.answer import answer
+    from mirasol3b.train import restore
 
     spec = MediaSpec.from_config(config)
     # The builder's seed drew the split, whatever config.seed trains with.
@@ -66,20 +65,18 @@ def answer_example_clip(config, workdir: str, built) -> dict:
     path = os.path.join(workdir, "example_clip.mp4")
     write_clip(path, frames, built.source.fps, audio, built.source.sample_rate)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    _, params = evaluate.restore_params(config, workdir, mesh)
+    _, params = restore.restore_params(config, workdir, mesh)
     predicted = answer(config, params, path, qa.question, mesh=mesh)
     return {"clip": path, "question": qa.question, "reference": qa.answer, "prediction": predicted}
 
 
-def main(argv, flag_values) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mirasol3b import configlib, evaluate, sharding
-    from mirasol3b.train import checkpoints, loop
+def main(args: cli.Args) -> None:
+    from mirasol3b import evaluate
+    from mirasol3b.train import loop, restore
+    from mirasol3b.train.logs import write_metrics
 
-    config_flag, workdir_flag = flag_values
-    config, workdir = config_flag.value, workdir_flag.value
-    if checkpoints.is_remote(workdir):
+    config, workdir = args.config, args.workdir
+    if paths.is_remote(workdir):
         raise app.UsageError(f"--workdir={workdir}: the demo runs on this machine (it builds its dataset in the "
                              "workdir and writes a clip there with ffmpeg); give a local folder. Runs in a bucket: "
                              "mirasol3b.main")
@@ -89,7 +86,7 @@ def main(argv, flag_values) -> None:
     configlib.validate(config)
     configlib.validate_eval(config)
     built = build_dataset(config)
-    loop.quiet_logging()  # after the build: TFDS turns INFO logging on
+    cli.quiet_logging()  # after the build: TFDS turns INFO logging on
     evaluations = []  # the loop evaluates its last step: that is the demo's result, not computed twice
 
     def evaluate_fn(config, params, mesh):
@@ -101,10 +98,10 @@ def main(argv, flag_values) -> None:
         metrics = {"step": config.train.num_steps, **evaluations[-1]}
     else:  # trained by an earlier run
         mesh = sharding.make_mesh(config.mesh_shape)
-        step, params = evaluate.restore_params(config, workdir, mesh)
+        step, params = restore.restore_params(config, workdir, mesh)
         metrics = {"step": step, **evaluate.evaluate(config, params, mesh)}
         if jax.process_index() == 0:
-            evaluate.write_metrics(workdir, metrics)
+            write_metrics(workdir, metrics)
     print(json.dumps(metrics), flush=True)
     example = answer_example_clip(config, workdir, built)
     print(f"clip: {example['clip']}\nquestion: {example['question']}\n"
@@ -112,7 +109,4 @@ def main(argv, flag_values) -> None:
 
 
 if __name__ == "__main__":
-    from mirasol3b import configlib
-
-    _FLAGS = _define_flags()
-    app.run(lambda argv: main(argv, _FLAGS), flags_parser=configlib.parse_flags)
+    cli.run(main, shared=SHARED_FLAGS)

@@ -36,16 +36,26 @@ from collections.abc import Mapping
 
 from absl import app, flags
 
+from mirasol3b import errors
+
 MODES = ("auto", "on", "off")
 
-_MODE = flags.DEFINE_enum("distributed", "auto", list(MODES),
-                          "Start jax.distributed: auto (when flags or environment say there are several "
-                          "processes, or on a Cloud TPU VM), on, off.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "HOST:PORT of process 0's coordinator service (same on every process).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes the job has.", lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).",
-                                   lower_bound=0)
+
+def define_flags(fv: flags.FlagValues) -> dict:
+    """`--distributed`, `--coordinator_address`, `--num_processes`, `--process_id` in `fv`
+    (`mirasol3b/cli.py` defines them for the entry points that take them)."""
+    return {
+        "distributed": flags.DEFINE_enum(
+            "distributed", "auto", list(MODES), "Start jax.distributed: auto (when flags or environment say there are "
+            "several processes, or on a Cloud TPU VM), on, off.", flag_values=fv),
+        "coordinator_address": flags.DEFINE_string(
+            "coordinator_address", None, "HOST:PORT of process 0's coordinator service (same on every process).",
+            flag_values=fv),
+        "num_processes": flags.DEFINE_integer("num_processes", None, "How many processes the job has.",
+                                              lower_bound=1, flag_values=fv),
+        "process_id": flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).",
+                                           lower_bound=0, flag_values=fv),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,18 +157,42 @@ def maybe_initialize(mode: str = "auto", *, coordinator_address: str | None = No
     return decision
 
 
-def maybe_initialize_from_flags() -> Decision:
-    """`maybe_initialize` with `--distributed`, `--coordinator_address`, `--num_processes`, `--process_id`;
-    call it first in a program's main, before anything asks JAX for a device. Bad flags are an
-    `app.UsageError`."""
+def maybe_initialize_from_flags(args) -> Decision:
+    """`maybe_initialize` with the parsed `--distributed`, `--coordinator_address`, `--num_processes`,
+    `--process_id` (`cli.Args`); call it first in a program's main, before anything asks JAX for a
+    device. Bad flags are an `app.UsageError`."""
     try:
-        return maybe_initialize(_MODE.value, coordinator_address=_COORDINATOR.value,
-                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+        return maybe_initialize(args.distributed, coordinator_address=args.coordinator_address,
+                                num_processes=args.num_processes, process_id=args.process_id)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
 
 
-class NotSharedError(RuntimeError):
+def all_agree(ok: bool) -> bool:
+    """True only if every process says True (one process: itself)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def primary_decides(value: bool) -> bool:
+    """Process 0's `value`, on every process (one process: itself)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+
+
+class NotSharedError(errors.Error, RuntimeError):
     """A directory every process must share is not the same directory on every host."""
 
 

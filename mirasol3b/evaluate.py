@@ -3,7 +3,8 @@
     python -m mirasol3b.evaluate --workdir=DIR [--split=validation] [--config=configs/tiny.py ...]
 
 restores the params of `DIR`'s latest good checkpoint (with the config it stores, or the one given,
-which may differ from it only in how the model computes: `check_config_matches_checkpoint`), prints the metrics as one JSON line and
+which may differ from it only in how the model computes: `restore.check_config_matches_checkpoint`),
+prints the metrics as one JSON line and
 writes them to `DIR/eval_<split>_step<N>.json`. `DIR` may be local or a URI (`gs://bucket/runs/x`):
 files go through `etils.epath.Path` and Orbax. Several processes (a TPU pod slice) start
 `jax.distributed` first, as `mirasol3b.main` does (`--distributed`, see `mirasol3b/distributed.py`).
@@ -32,17 +33,15 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
-from etils import epath
+from absl import flags
 from flax import linen as nn
-from ml_collections import config_flags
 
-from mirasol3b import configlib, decoding, sharding
+from mirasol3b import cli, configlib, decoding, distributed, sharding
 from mirasol3b.model import Mirasol3B
-from mirasol3b.train import checkpoints
-from mirasol3b.train.loop import global_batch, model_batch, quiet_logging
-from mirasol3b.train.optimizer import make_optimizer
-from mirasol3b.train.state import abstract_state, check_batch_shapes, example_batch, state_shardings
+from mirasol3b.train import restore
+from mirasol3b.train.batches import global_batch, model_batch
+from mirasol3b.train.logs import write_metrics
+from mirasol3b.train.state import check_batch_shapes
 
 # What the generate function reads from a batch (video/audio only when the model uses them: `model_batch`).
 GENERATE_KEYS = ("video", "audio", "media_mask", "prompts", "prompt_lengths")
@@ -63,7 +62,7 @@ def normalize_answer(s: str) -> str:
 def decode_config(config: ml_collections.ConfigDict) -> decoding.DecodeConfig:
     """The `DecodeConfig` of `config.eval`."""
     # `data` loads TensorFlow and SeqIO: imported where used, so importing this module stays light.
-    from data.vocab import EOS_ID, PAD_ID
+    from mirasol3b_data.vocab import EOS_ID, PAD_ID
 
     e = config.eval
     return decoding.DecodeConfig(max_new_tokens=e.max_new_tokens, method=e.decode_method, beam_size=e.beam_size,
@@ -127,7 +126,7 @@ def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh |
             decode: decoding.DecodeConfig | None = None) -> list[dict]:
     """One record per real example of `split` (all processes'): question, reference, prediction,
     question_type, kind. Defaults come from `config.eval`."""
-    from data import pipeline, vocab
+    from mirasol3b_data import pipeline, vocab
 
     configlib.validate_eval(config)
     split = split or config.eval.split
@@ -209,142 +208,42 @@ def decode_settings(decode: decoding.DecodeConfig, seed: int) -> dict:
     return out
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
-
-def _run_dir(workdir: epath.PathLike) -> epath.Path:
-    """The training run's workdir, given it or its `checkpoints` directory."""
-    try:
-        return checkpoints.run_dir(workdir, f"workdir {os.fspath(workdir)!r}")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; train there first with `python -m mirasol3b.main --workdir=...`") from None
-
-
-def _checkpointer(workdir: epath.PathLike) -> checkpoints.Checkpointer:
-    return checkpoints.Checkpointer(_run_dir(workdir), save_every=1, keep=1, read_only=True)
-
-
-def restore_params(config: ml_collections.ConfigDict, workdir: epath.PathLike,
-                   mesh: jax.sharding.Mesh | None = None):
-    """(step, params) of `workdir`'s (or its `checkpoints` directory's) latest good checkpoint,
-    sharded over `mesh` (default: this process's first device).
-
-    Params only: the optimizer state (twice their size) is never read, so the optimizer config need
-    not match training's, and params saved in another dtype are cast to `config.model.param_dtype`.
-    Corrupt steps are reported and skipped (`Checkpointer.restore_latest`).
-    """
-    workdir = _run_dir(workdir)
-    if mesh is None:
-        mesh = sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
-    model, optimizer = Mirasol3B(config.model), make_optimizer(config.train)
-    boxed, _ = abstract_state(model, optimizer, example_batch(config, 1))
-    target = checkpoints.with_shardings(boxed.params, state_shardings(boxed, mesh).params)
-    return checkpoints.restore_params(workdir, target, what=f"workdir {os.fspath(workdir)!r}")
-
-
-def _stored_config(workdir: epath.PathLike) -> tuple[dict | None, epath.Path]:
-    """(the config saved with `workdir`'s latest checkpoint as a dict, or None if it stores none; its path)."""
-    with _checkpointer(workdir) as ckpt:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in workdir {workdir!r} ({ckpt.directory})")
-        return ckpt.saved_config(step), epath.Path(ckpt.step_path(step)) / "config"
-
-
-def config_from_workdir(workdir: epath.PathLike) -> ml_collections.ConfigDict:
-    """The config stored with `workdir`'s latest checkpoint, over `base_config()` defaults (so fields
-    added since it was saved get theirs), validated."""
-    saved, path = _stored_config(workdir)
-    if saved is None:
-        raise FileNotFoundError(f"checkpoint {path.parent} stores no config; pass --config")
-    return configlib.validate(configlib.from_saved(saved))  # a field the code no longer knows is an error naming it
-
-
-def check_config_matches_checkpoint(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
-    """Raises `ConfigError` naming each field that defines the trained model
-    (`configlib.model_differences`) whose value differs from the config stored with `workdir`'s
-    checkpoint. Params of the same shapes restore under another window, readout or geometry, and
-    would be scored as another model without a word."""
-    saved, path = _stored_config(workdir)
-    differ = configlib.model_differences(config, saved) if saved is not None else []
-    if differ:
-        raise configlib.ConfigError(
-            f"the config given differs from the one the checkpoint was trained with ({path}) in fields that "
-            "define the model:" + "".join(f"\n  {d}" for d in differ) + "\nOmit --config to use the checkpoint's "
-            "own, give the training run's overrides too, or pass --noconfig_check to use these values on purpose.")
-
-
-def write_metrics(workdir: epath.PathLike, metrics: dict, trained_numerics: dict | None = None) -> epath.Path:
-    """`metrics` (with its `step` and `split`) as one JSON line in `workdir/eval_<split>_step<N>.json`;
-    answers generated otherwise than greedily add `_beam<K>` or `_sample` to the name, dtypes other
-    than `trained_numerics` (the training run's `numerics`) `_<field>-<dtype>`, and a partial
-    evaluation (`max_batches` K) `_first<K>batches`, so none replaces training's own."""
-    decode = metrics.get("decode") or {}
-    how = {"beam": f"_beam{decode.get('beam_size')}", "sample": "_sample"}.get(decode.get("method"), "")
-    here, trained = metrics.get("numerics") or {}, trained_numerics or {}
-    how += "".join(f"_{k}-{v}" for k, v in here.items() if k in trained and trained[k] != v)
-    partial = f"_first{metrics['max_batches']}batches" if metrics.get("max_batches") else ""
-    path = epath.Path(workdir) / f"eval_{metrics['split']}_step{metrics['step']}{how}{partial}.json"
-    path.write_text(json.dumps(metrics) + "\n")
-    return path
-
-
 # ---- command line -----------------------------------------------------------------------------
 
-def _define_flags():
-    """Defined only when run as a program: `answer.py` imports this module and defines its own."""
-    # `--distributed`, `--coordinator_address`, `--num_processes`, `--process_id`: defined once per
-    # process by that module's import (also when `mirasol3b.main` imports it in the same process).
-    from mirasol3b import distributed  # noqa: F401
-
-    config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:ttm] (default: "
-                                             "the one the workdir's checkpoint stores).", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints).")
-    split = flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).")
-    define_config_check_flag()
-    flags.mark_flags_as_required(["workdir"])
-    return config, workdir, split
+SHARED_FLAGS = cli.Shared(
+    config=cli.OPTIONAL, config_help="Config file, e.g. configs/tiny.py[:ttm] (default: the one the workdir's "
+    "checkpoint stores).", workdir=cli.REQUIRED, workdir_help="The training run's workdir (its checkpoints).",
+    distributed=True)
 
 
-def define_config_check_flag():
-    flags.DEFINE_bool("config_check", True, "Refuse a --config whose model fields differ from the checkpoint's "
-                      "(check_config_matches_checkpoint); --noconfig_check uses them on purpose.")
+def define_config_check_flag(fv: flags.FlagValues):
+    return flags.DEFINE_bool("config_check", True, "Refuse a --config whose model fields differ from the "
+                             "checkpoint's (restore.check_config_matches_checkpoint); --noconfig_check uses them "
+                             "on purpose.", flag_values=fv)
 
 
-def resolve_config(config: ml_collections.ConfigDict | None, workdir: str, *, check: bool) -> ml_collections.ConfigDict:
-    """The config to evaluate or answer with, validated: `config` (if `check`, refused where it
-    differs from the checkpoint's in what the model is), or else the one the checkpoint stores."""
-    if config is None:
-        config = config_from_workdir(workdir)
-    elif check:
-        check_config_matches_checkpoint(config, workdir)
-    return configlib.validate_eval(configlib.validate(config))
+def define_flags(fv: flags.FlagValues) -> dict:
+    return {"split": flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).",
+                                         flag_values=fv),
+            "config_check": define_config_check_flag(fv)}
 
 
-def main(argv, flag_values) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mirasol3b import distributed
+def main(args: cli.Args) -> None:
+    distributed.maybe_initialize_from_flags(args)
+    cli.quiet_logging()
+    workdir = args.workdir
+    distributed.check_shared_directory(workdir, "--workdir", create=False)
+    workdir = os.fspath(restore.workdir_of(workdir))  # also given as its checkpoints directory
+    config = restore.eval_config(args.config, workdir, check=args.config_check)
+    if args.split:
+        config.eval.split = args.split
+    from mirasol3b_data import pipeline
 
-    distributed.maybe_initialize_from_flags()
-    quiet_logging()
-    config_flag, workdir_flag, split_flag = flag_values
-    workdir = workdir_flag.value
-    try:
-        distributed.check_shared_directory(workdir, "--workdir", create=False)
-        workdir = os.fspath(_run_dir(workdir))  # also given as its checkpoints directory
-        config = resolve_config(config_flag.value, workdir, check=flags.FLAGS.config_check)
-        if split_flag.value:
-            config.eval.split = split_flag.value
-        from data import pipeline
-
-        pipeline.check_eval_split(config)  # a wrong split or an unbuilt dataset: before the checkpoint is read
-        mesh = sharding.make_mesh(config.mesh_shape)
-        step, params = restore_params(config, workdir, mesh)
-        saved, _ = _stored_config(workdir)  # its dtypes name an evaluation in others apart
-        trained = numerics(configlib.from_saved(saved)) if saved is not None else None
-    except (FileNotFoundError, configlib.ConfigError, checkpoints.CheckpointMismatchError,
-            distributed.NotSharedError) as e:
-        sys.exit(f"error: {e}")
+    pipeline.check_eval_split(config)  # a wrong split or an unbuilt dataset: before the checkpoint is read
+    mesh = sharding.make_mesh(config.mesh_shape)
+    step, params = restore.restore_params(config, workdir, mesh)
+    saved, _ = restore.stored_config(workdir)  # its dtypes name an evaluation in others apart
+    trained = numerics(restore.from_saved(saved)) if saved is not None else None
     print(f"evaluating step {step} of {workdir}", file=sys.stderr, flush=True)  # stdout: the JSON line only
     metrics = {"step": step, **evaluate(config, params, mesh)}  # config.eval.split: --split's when given
     if jax.process_index() == 0:
@@ -354,5 +253,4 @@ def main(argv, flag_values) -> None:
 
 
 if __name__ == "__main__":
-    _FLAGS = _define_flags()
-    app.run(lambda argv: main(argv, _FLAGS), flags_parser=configlib.parse_flags)
+    cli.run(main, define_flags, SHARED_FLAGS)

@@ -28,8 +28,8 @@ def stack_spec(model_config: ml_collections.ConfigDict, name: str) -> Transforme
     part = c[name]
     return TransformerSpec(
         width=part.width, depth=part.depth, num_heads=part.num_heads, mlp_dim=part.mlp_dim,
-        head_dim=part.get("head_dim", 0), dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype,
-        remat_policy=c.remat_policy, scan_layers=c.scan_layers, attention_impl=c.get("attention_impl", "auto"))
+        head_dim=part.head_dim, dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype,
+        remat_policy=c.remat_policy, scan_layers=c.scan_layers, attention_impl=c.attention_impl)
 
 
 def samples_per_snippet(model_config: ml_collections.ConfigDict) -> int:
@@ -88,7 +88,7 @@ class Mirasol3B(nn.Module):
             if c.combiner_readout == "per_modality" and c.use_video and c.use_audio:
                 segments = tuple(tokens_per_snippet(c)[name] for name in sorted(MODALITIES))
             self.combiner = TransformerCombiner(combiner_spec, num_outputs=c.num_latents, segment_sizes=segments,
-                                                outputs_only=c.get("combiner_outputs_only", False))
+                                                outputs_only=c.combiner_outputs_only)
         elif c.combiner == "ttm":
             self.combiner = TTMCombiner(combiner_spec, num_outputs=c.num_latents, memory_size=c.ttm.memory_size,
                                         token_learner_hidden=c.ttm.token_learner_hidden)

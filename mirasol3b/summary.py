@@ -16,11 +16,10 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import linen as nn
-from ml_collections import config_flags
 
-from mirasol3b import configlib
+from mirasol3b import cli, configlib
 from mirasol3b.layers import TransformerSpec
 from mirasol3b.model import Mirasol3B, samples_per_snippet, stack_spec, tokens_per_snippet
 from mirasol3b.text_decoder import padded_vocab_size
@@ -165,7 +164,7 @@ def analytic_flops(config: ml_collections.ConfigDict, batch_size: int) -> dict[s
     fusion = 2 * clips * c.width * (s["video_tokens"] * m.video_encoder.width * m.use_video
                                     + s["audio_tokens"] * m.audio_encoder.width * m.use_audio)
     if m.combiner == "transformer":
-        keep = m.num_latents if m.get("combiner_outputs_only", False) else 0
+        keep = m.num_latents if m.combiner_outputs_only else 0
         add("combiner", fusion, [_stack_flops(c, clips, s["combiner_sequence"], keep_last=keep)])
     else:
         memory, hidden = m.ttm.memory_size, m.ttm.token_learner_hidden
@@ -280,19 +279,20 @@ def format_summary(summary: dict, config: ml_collections.ConfigDict) -> str:
     return "\n".join(lines)
 
 
-def main(argv, config_flag, flops_flag):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = configlib.validate(config_flag.value)
+SHARED_FLAGS = cli.Shared(config=cli.REQUIRED, config_help="Config file, e.g. configs/mirasol3b.py[:ttm].")
+
+
+def define_flags(fv: flags.FlagValues) -> dict:
+    return {"flops": flags.DEFINE_bool("flops", True, "Lower the train step to count its FLOPs.", flag_values=fv)}
+
+
+def main(args: cli.Args) -> None:
+    config = configlib.validate(args.config)
     start = time.perf_counter()
-    summary = summarize(config, flops=flops_flag.value)
+    summary = summarize(config, flops=args.flops)
     print(format_summary(summary, config))
     print(f"summary took {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
-    # Flags are defined here, not at import, so other tools can import this module.
-    _config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirasol3b.py[:ttm].")
-    _flops = flags.DEFINE_bool("flops", True, "Lower the train step to count its FLOPs.")
-    flags.mark_flag_as_required("config")
-    app.run(lambda argv: main(argv, _config, _flops), flags_parser=configlib.parse_flags)
+    cli.run(main, define_flags, SHARED_FLAGS)

@@ -16,7 +16,7 @@ from configs import tiny
 from mirasol3b.layers import Attention, masks
 from mirasol3b.layers.attention import resolve_implementation
 from mirasol3b.model import Mirasol3B
-from mirasol3b.train.loop import model_batch
+from mirasol3b.train.batches import model_batch
 from mirasol3b.train.random_batches import random_batch
 
 ON_GPU = jax.default_backend() == "gpu"

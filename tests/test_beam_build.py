@@ -18,8 +18,8 @@ import psutil
 import pytest
 import tensorflow_datasets as tfds
 
-from data.builders.local_media import local_media
-from data.builders.report import EmptySplitError, skipped_report_path
+from mirasol3b_data.builders.local_media import local_media
+from mirasol3b_data.builders.report import EmptySplitError, skipped_report_path
 from test_local_media import BAD_FILES, MIXED, _check_mixed_build, _clips, _manual_dir, _report, media  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

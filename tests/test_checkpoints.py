@@ -33,7 +33,11 @@ from flax import linen as nn
 from configs import tiny
 from mirasol3b import configlib, sharding
 from mirasol3b.model import Mirasol3B
-from mirasol3b.train import checkpoints
+from mirasol3b.errors import CheckpointMismatchError
+from mirasol3b.train.checkpointer import Checkpointer, with_shardings
+from mirasol3b.train.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard
+from mirasol3b.train.restore import load_params_for_finetuning
+from mirasol3b.train.tree_diff import flat
 from mirasol3b.train.optimizer import make_optimizer
 from mirasol3b.train.random_batches import RandomBatches
 from mirasol3b.train.state import abstract_state, create_sharded_state, state_shardings
@@ -74,7 +78,7 @@ class Setup:
     @property
     def target(self):
         """What `restore_latest` restores onto: the abstract state with this mesh's shardings."""
-        return checkpoints.with_shardings(self.abstract, self.shardings)
+        return with_shardings(self.abstract, self.shardings)
 
     def batch(self, step: int) -> dict:
         return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim))
@@ -119,10 +123,10 @@ class Run:
 
 
 def run(workdir: str, num_steps: int, *, s: Setup | None = None, save_every: int = 2, keep: int = 3,
-        guard: checkpoints.PreemptionGuard | None = None, progress: str | None = None) -> Run:
+        guard: PreemptionGuard | None = None, progress: str | None = None) -> Run:
     """The training loop in miniature: restore (or init), step, save every N, stop on preemption."""
     s = s or setup()
-    ckpt = checkpoints.Checkpointer(workdir, save_every=save_every, keep=keep)
+    ckpt = Checkpointer(workdir, save_every=save_every, keep=keep)
     restored = ckpt.restore_latest(s.target)
     if restored is None:
         start, state = 0, s.init()
@@ -199,10 +203,10 @@ def test_sigterm_saves_the_step_reached(tmp_path):
             if child.poll() is None:
                 child.kill()
     log = out_file.read_text()
-    assert rc == checkpoints.PREEMPTED_EXIT_CODE, log[-3000:]
+    assert rc == PREEMPTED_EXIT_CODE, log[-3000:]
     reached = int(re.search(r"preempted at step (\d+)", log).group(1))
     assert reached >= 3 and "Traceback" not in log, log[-3000:]
-    ckpt = checkpoints.Checkpointer(workdir, save_every=2, keep=3)
+    ckpt = Checkpointer(workdir, save_every=2, keep=3)
     step, state, data_state = ckpt.restore_latest(setup().target)  # saved on 1 device, restored on 8
     ckpt.close()
     assert step == reached == int(state.step) and data_state == {"next_batch": reached}
@@ -213,7 +217,7 @@ def test_restore_onto_other_meshes(tmp_path):
     saved = run(str(tmp_path), 2).state  # on 8 devices as a 2x4 (data x fsdp) mesh
     for mesh_shape, n in (((1, 4, 1), 4), ((1, 1, 1), 1)):
         other = setup(mesh_shape, n)
-        ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=2, keep=3)
+        ckpt = Checkpointer(str(tmp_path), save_every=2, keep=3)
         step, state, _ = ckpt.restore_latest(other.target)
         ckpt.close()
         assert step == 2
@@ -256,7 +260,7 @@ def test_corrupt_latest_falls_back_and_is_never_overwritten(tmp_path, caplog):
     fp = pathlib.Path(fp_file).read_text()
     first_sum = re.search(r"\[(\d+),", fp).group(1)
     pathlib.Path(fp_file).write_text(fp.replace(f"[{first_sum},", f"[{(int(first_sum) + 1) % 2**32},", 1))
-    ckpt = checkpoints.Checkpointer(workdir, save_every=2, keep=2)
+    ckpt = Checkpointer(workdir, save_every=2, keep=2)
     step, state, data_state = ckpt.restore_latest(setup().target)
     assert step == 4 and int(state.step) == 4 and data_state == {"next_batch": 4}
     assert any(f"step 10 at {tmp} is half-written" in p for p in ckpt.problems)
@@ -269,9 +273,9 @@ def test_corrupt_latest_falls_back_and_is_never_overwritten(tmp_path, caplog):
 def test_init_from_names_mismatches_and_loads_params_only(tmp_path):
     source = run(str(tmp_path / "pretrain"), 2).state
     new = setup(combiner="ttm", combiner_readout="joint", vocab_size=400)  # other combiner params; more vocabulary
-    target = checkpoints.with_shardings(new.abstract.params, new.shardings.params)
-    with pytest.raises(checkpoints.CheckpointMismatchError) as err:
-        checkpoints.load_params_for_finetuning(str(tmp_path / "pretrain"), target)
+    target = with_shardings(new.abstract.params, new.shardings.params)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_params_for_finetuning(str(tmp_path / "pretrain"), target)
     message = str(err.value)
     # (tables are padded to a multiple of 128 rows)
     assert "text_decoder/logits/kernel: checkpoint (32, 384) vs model (32, 512)" in message
@@ -281,11 +285,11 @@ def test_init_from_names_mismatches_and_loads_params_only(tmp_path):
     assert "combiner/" in missing and "combiner/transformer/" in unexpected
 
     fresh = new.init()
-    params = checkpoints.load_params_for_finetuning(
+    params = load_params_for_finetuning(
         str(tmp_path / "pretrain"), target, fresh_params=fresh.params,
         allow_missing=True, allow_unexpected=True, allow_shape_mismatch=True)
     state = fresh.replace(params=params)  # optimizer state and step stay fresh
-    flat_new, flat_old, flat_fresh = (checkpoints._flat(t) for t in (params, source.params, fresh.params))
+    flat_new, flat_old, flat_fresh = (flat(t) for t in (params, source.params, fresh.params))
     assert set(flat_new) == set(flat_fresh)
     loaded = [p for p in flat_new if p in flat_old and flat_old[p].shape == flat_fresh[p].shape]
     assert "video_encoder/tube_embedding/projection/kernel" in loaded
@@ -301,20 +305,20 @@ def test_another_param_dtype_is_a_mismatch_on_resume_and_a_cast_on_init_from(tmp
     workdir = str(tmp_path / "pretrain")
     source = run(workdir, 2).state
     bf16 = setup(param_dtype="bfloat16")
-    ckpt = checkpoints.Checkpointer(workdir, save_every=2, keep=3)
-    with pytest.raises(checkpoints.CheckpointMismatchError,
+    ckpt = Checkpointer(workdir, save_every=2, keep=3)
+    with pytest.raises(CheckpointMismatchError,
                        match=r"param_dtype.*\n.*shape or dtype mismatch.*\n.* float32 vs model \(.*\) bfloat16"):
         ckpt.restore_latest(bf16.target)
     ckpt.close()
     assert not ckpt.corrupt and not os.path.exists(ckpt.record_path), "a mismatch is not corruption"
 
-    target = checkpoints.with_shardings(bf16.abstract.params, bf16.shardings.params)
-    params = checkpoints.load_params_for_finetuning(workdir, target)  # read as float32, verified, cast
+    target = with_shardings(bf16.abstract.params, bf16.shardings.params)
+    params = load_params_for_finetuning(workdir, target)  # read as float32, verified, cast
     for x, want in zip(jax.tree.leaves(params), jax.tree.leaves(source.params), strict=True):
         assert x.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(x), np.asarray(want.astype(jnp.bfloat16)))
     with pytest.raises(ValueError, match="need `fresh_params`"):  # a usage error, before any step is read
-        checkpoints.load_params_for_finetuning(workdir, target, allow_missing=True)
+        load_params_for_finetuning(workdir, target, allow_missing=True)
     assert not os.path.exists(ckpt.record_path)
 
 
@@ -329,7 +333,7 @@ def test_saves_are_async_and_keep_k(tmp_path, monkeypatch):
         return await write_json(self, x, directory)
 
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", gated)
-    ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=2, keep=2)
+    ckpt = Checkpointer(str(tmp_path), save_every=2, keep=2)
     assert ckpt.maybe_save(2, state, {"next_batch": 2}, s.config)  # returns while its files are unwritten
     assert not os.path.exists(ckpt.step_path(2)) and ckpt.latest_step() is None
     assert os.path.isdir(ckpt.step_path(2) + ".orbax-checkpoint-tmp")
@@ -349,7 +353,7 @@ def test_saves_are_async_and_keep_k(tmp_path, monkeypatch):
 def _sigterm_child(workdir: str, progress: str) -> int:
     # One device: the SIGTERM path does not depend on the mesh, and a 1-device save skips Orbax's
     # replica-parallel slicing (~10 s of compiles on a first save); the parent restores onto 2x4.
-    with checkpoints.PreemptionGuard() as guard:
+    with PreemptionGuard() as guard:
         result = run(workdir, 10_000, s=setup((1, 1, 1), 1), save_every=2, keep=2, guard=guard,
                      progress=progress)
     if result.preempted_at is None:

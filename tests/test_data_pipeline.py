@@ -18,8 +18,8 @@ import seqio
 import tensorflow as tf
 from flax import linen as nn
 
-from data import feature_converter as fc
-from data import mixtures, pipeline, tasks, vocab
+from mirasol3b_data import feature_converter as fc
+from mirasol3b_data import mixtures, pipeline, tasks, vocab
 from mirasol3b import configlib, sharding
 from mirasol3b.model import Mirasol3B
 from mirasol3b.train import optimizer as optim
@@ -408,8 +408,8 @@ def test_builtin_task_reads_a_built_dataset():
 
 def test_builtin_task_names_follow_the_builders_configs():
     try:
-        from data.builders.local_media.local_media import Builder as LocalMedia
-        from data.builders.synthetic_avqa.synthetic_avqa import Builder as SyntheticAvqa
+        from mirasol3b_data.builders.local_media.local_media import Builder as LocalMedia
+        from mirasol3b_data.builders.synthetic_avqa.synthetic_avqa import Builder as SyntheticAvqa
     except ImportError as err:
         pytest.skip(f"a builder is not importable: {err}")
     assert {c.name for c in LocalMedia.BUILDER_CONFIGS} == set(

@@ -12,8 +12,8 @@ import pytest
 from absl import app
 
 from configs import tiny
-from data import synthetic
-from mirasol3b import configlib, demo
+from mirasol3b_data import synthetic
+from mirasol3b import cli, configlib, demo
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--config=configs/tiny.py", "--config.data.task=synthetic_avqa_tiny_smoke", "--config.data.batch_size=8",
@@ -58,11 +58,9 @@ def test_demo_builds_trains_evaluates_answers_and_a_second_run_reuses_it(tmp_pat
 
 
 def test_demo_refuses_a_workdir_in_a_bucket():
-    flag = type("Flag", (), {})
-    config, workdir = flag(), flag()
-    config.value, workdir.value = tiny.get_config(), "gs://bucket/demo"
+    args = cli.Args(config=tiny.get_config(), workdir="gs://bucket/demo")
     with pytest.raises(app.UsageError, match="--workdir=gs://bucket/demo: the demo runs on this machine"):
-        demo.main(["demo"], (config, workdir))
+        demo.main(args)
 
 
 def test_demo_refuses_a_task_it_cannot_build(tmp_path):

@@ -17,11 +17,12 @@ import tensorflow as tf
 from flax import linen as nn
 
 from configs import tiny
-from data import encode, pipeline, tasks
+from mirasol3b_data import encode, pipeline, tasks
 from mirasol3b import answer as answer_lib
 from mirasol3b import configlib, decoding, evaluate, sharding
 from mirasol3b.model import Mirasol3B, samples_per_snippet
-from mirasol3b.train import checkpoints
+from mirasol3b.train import logs, restore
+from mirasol3b.train.checkpointer import Checkpointer
 from mirasol3b.train.optimizer import make_optimizer
 from mirasol3b.train.state import TrainState, abstract_state, example_batch
 
@@ -151,10 +152,10 @@ def test_local_rows_are_the_rows_this_process_fed_whatever_the_result_sharding()
 
 def test_missing_checkpoint_names_the_workdir(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        evaluate.config_from_workdir(str(tmp_path))
+        restore.config_from_workdir(str(tmp_path))
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        evaluate.restore_params(make_config(), str(tmp_path), mesh)
+        restore.restore_params(make_config(), str(tmp_path), mesh)
 
 
 def test_every_decoding_setting_is_a_config_field():
@@ -187,44 +188,44 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
     rng = np.random.default_rng(0)  # numpy params: compiling init would cost as much as generation
     params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.05, a.dtype), nn.unbox(boxed.params))
     state = TrainState(step=jnp.int32(5), params=params, opt_state=optimizer.init(params))
-    with checkpoints.Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False) as ckpt:
+    with Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False) as ckpt:
         assert ckpt.maybe_save(5, state, {"batches": 5}, cfg, force=True)
 
-    restored_config = evaluate.config_from_workdir(str(tmp_path))
+    restored_config = restore.config_from_workdir(str(tmp_path))
     assert restored_config.to_dict() == cfg.to_dict()
     # A --config that differs in what the model is (same param shapes: it would restore and be
     # scored as another model) is refused, naming the fields; how it computes may differ.
     given = cfg.copy_and_resolve_references()
     given.model.update(dtype="bfloat16", remat_policy="nothing_saveable", combiner_outputs_only=False)
-    assert evaluate.resolve_config(given, str(tmp_path), check=True) is given
+    assert restore.eval_config(given, str(tmp_path), check=True) is given
     given.model.time_aligned.window = cfg.model.time_aligned.window + 1
     given.model.combiner_readout = "per_modality" if cfg.model.combiner_readout == "joint" else "joint"
     with pytest.raises(configlib.ConfigError, match=r"(?s)differs from the one the checkpoint was trained with.*"
                                                      r"model\.combiner_readout: .* here.*model\.time_aligned\.window: "
                                                      rf"{given.model.time_aligned.window} here, "
                                                      rf"{cfg.model.time_aligned.window} in the checkpoint"):
-        evaluate.resolve_config(given, str(tmp_path), check=True)
-    assert evaluate.resolve_config(given, str(tmp_path), check=False) is given  # --noconfig_check
-    assert evaluate.resolve_config(None, str(tmp_path), check=True).to_dict() == cfg.to_dict()
+        restore.eval_config(given, str(tmp_path), check=True)
+    assert restore.eval_config(given, str(tmp_path), check=False) is given  # --noconfig_check
+    assert restore.eval_config(None, str(tmp_path), check=True).to_dict() == cfg.to_dict()
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    step, restored = evaluate.restore_params(restored_config, str(tmp_path), mesh)
+    step, restored = restore.restore_params(restored_config, str(tmp_path), mesh)
     assert step == 5
     jax.tree.map(np.testing.assert_array_equal, restored, params)
     # The run's checkpoints directory works as its workdir, and the mesh defaults to one device.
-    assert evaluate.config_from_workdir(str(tmp_path / "checkpoints")).to_dict() == restored_config.to_dict()
-    assert evaluate.restore_params(restored_config, str(tmp_path / "checkpoints"))[0] == 5
+    assert restore.config_from_workdir(str(tmp_path / "checkpoints")).to_dict() == restored_config.to_dict()
+    assert restore.restore_params(restored_config, str(tmp_path / "checkpoints"))[0] == 5
     # Params only: another optimizer (its state has another structure) and another param dtype
     # (read as saved, checked against the fingerprint, then cast) still evaluate this checkpoint.
     other = restored_config.copy_and_resolve_references()
     other.train.grad_clip_norm = None if cfg.train.grad_clip_norm is not None else 1.0
     other.model.param_dtype = "bfloat16"
-    assert step == evaluate.restore_params(other, str(tmp_path), mesh)[0]
-    cast = evaluate.restore_params(other, str(tmp_path), mesh)[1]
+    assert step == restore.restore_params(other, str(tmp_path), mesh)[0]
+    cast = restore.restore_params(other, str(tmp_path), mesh)[1]
     jax.tree.map(lambda x, p: np.testing.assert_array_equal(x, p.astype(jnp.bfloat16)), cast, params)
 
     metrics = evaluate.evaluate(restored_config, restored, mesh, max_batches=2)
     assert metrics["num_examples"] == 2 and 0 <= metrics["exact_match"] <= 1
-    written = evaluate.write_metrics(str(tmp_path), {"step": 5, **metrics})  # beside, not over, the whole split's
+    written = logs.write_metrics(str(tmp_path), {"step": 5, **metrics})  # beside, not over, the whole split's
     assert written.name == "eval_validation_step5_first2batches.json" and metrics["max_batches"] == 2
     assert metrics["decode"] == {"method": "greedy", "max_new_tokens": restored_config.eval.max_new_tokens}
     # Answers decoded otherwise say how, and do not replace the greedy ones of the same step.
@@ -233,14 +234,14 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
     sample = evaluate.decode_settings(decoding.DecodeConfig(method="sample", top_k=5), seed=7)
     assert sample["seed"] == 7 and sample["top_k"] == 5
     for decode, name in ((beam, "eval_validation_step5_beam3.json"), (sample, "eval_validation_step5_sample.json")):
-        written = evaluate.write_metrics(str(tmp_path), {"step": 5, "split": "validation", "decode": decode})
+        written = logs.write_metrics(str(tmp_path), {"step": 5, "split": "validation", "decode": decode})
         assert written.name == name and json.loads(written.read_text())["decode"] == decode
     # Other dtypes than training's are named too: a bf16 evaluation does not replace the f32 one.
     assert metrics["numerics"] == {"dtype": "float32", "param_dtype": "float32"}
     f32 = {"step": 5, "split": "validation", "numerics": metrics["numerics"]}
-    assert evaluate.write_metrics(str(tmp_path), f32, metrics["numerics"]).name == "eval_validation_step5.json"
+    assert logs.write_metrics(str(tmp_path), f32, metrics["numerics"]).name == "eval_validation_step5.json"
     bf16 = dict(f32, numerics={"dtype": "bfloat16", "param_dtype": "float32"})
-    written = evaluate.write_metrics(str(tmp_path), bf16, metrics["numerics"])
+    written = logs.write_metrics(str(tmp_path), bf16, metrics["numerics"])
     assert written.name == "eval_validation_step5_dtype-bfloat16.json"
     assert all(isinstance(s["prediction"], str) for s in metrics["samples"])
 
@@ -269,7 +270,7 @@ def test_answer_cli_reports_unreadable_files(tmp_path):
 
 
 def test_a_model_without_audio_answers_about_a_file_without_an_audio_track(tmp_path):
-    from data.media import MediaError
+    from mirasol3b_data.media import MediaError
 
     clip = str(tmp_path / "silent.mp4")
     encode.write_clip(clip, np.full((16, 32, 32, 3), 100, np.uint8), 8, None, 16000)

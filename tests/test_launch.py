@@ -622,10 +622,10 @@ def test_ctrl_c_leaves_the_job_running_and_says_how_to_stop_it(fake):
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (to the whole foreground group, as well)
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 130
-        # The message points to the README section that exists.
-        assert 'README.md, "Later runs, logs, stopping"' in stderr and "launch/README.md" not in stderr
+        # The message points to the docs section that exists.
+        assert 'docs/pods.md, "Later runs, logs, stopping"' in stderr and "launch/README.md" not in stderr
         assert "Terminated" not in stderr, "no job-control lines from bash"
-        assert "\n### Later runs, logs, stopping\n" in (ROOT / "README.md").read_text()
+        assert "\n## Later runs, logs, stopping\n" in (ROOT / "docs" / "pods.md").read_text()
         assert "started" in (fake.logs / "worker-0.log").read_text()
         time.sleep(0.5)
         for job in jobs:  # still running

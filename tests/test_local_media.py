@@ -1,6 +1,6 @@
 """Behaviour of the `local_media` builder, its build report and the public-format readers.
 
-Clips are tiny real h264/aac files (64x48, 1.5 s) built with `data.encode.write_clip`; every build
+Clips are tiny real h264/aac files (64x48, 1.5 s) built with `mirasol3b_data.encode.write_clip`; every build
 uses the "tiny" geometry (8 fps, 2-frame snippets, 32 px), so 1.5 s of video gives 4 snippets.
 """
 
@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data import readers
-from data.builders.local_media import local_media
-from data.builders.report import EmptySplitError, skipped_report_path
-from data.encode import ffmpeg_exe, write_clip
-from data.media import MediaError, decode_clip
+from mirasol3b_data import readers
+from mirasol3b_data.builders.local_media import local_media
+from mirasol3b_data.builders.report import EmptySplitError, skipped_report_path
+from mirasol3b_data.encode import ffmpeg_exe, write_clip
+from mirasol3b_data.media import MediaError, decode_clip
 from test_remote_paths import fake_bucket  # noqa: F401
-from data.spec import DEFAULT_PROMPTS, MediaSpec
+from mirasol3b_data.spec import DEFAULT_PROMPTS, MediaSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
@@ -98,7 +98,7 @@ def _clips(builder, split="train") -> list[dict]:
 
 
 def _examples(builder, split="train") -> list[dict]:
-    """One dict per text, with its clip's fields (what `data.tasks.per_text` gives training)."""
+    """One dict per text, with its clip's fields (what `mirasol3b_data.tasks.per_text` gives training)."""
     return [{**{k: v for k, v in clip.items() if k != "texts"}, **{f: clip["texts"][f][i] for f in clip["texts"]}}
             for clip in _clips(builder, split) for i in range(len(clip["texts"]["prompt"]))]
 
@@ -205,7 +205,7 @@ def _assert_no_dataset(data_dir: Path):
 def test_a_failed_split_reports_the_splits_after_it_as_not_reached(tmp_path):
     from types import SimpleNamespace
 
-    from data.builders.report import BuildReport, Skipped
+    from mirasol3b_data.builders.report import BuildReport, Skipped
 
     builder = SimpleNamespace(name="b", builder_config=SimpleNamespace(name="c"), data_path=str(tmp_path / "c" / "1"))
     report = BuildReport(builder, ["test", "train", "validation"])
@@ -251,7 +251,7 @@ def test_failed_builds_leave_no_dataset_and_a_rebuild_starts_a_fresh_report(medi
 
 
 def test_a_split_name_a_letter_off_a_standard_one_is_a_bad_line():
-    from data import readers
+    from mirasol3b_data import readers
 
     for typo, meant in (("valdiation", "validation"), ("trian", "train"), ("tset", "test")):
         row = readers.check_record({"video": "a.mp4", "caption": "x", "split": typo})
@@ -550,7 +550,7 @@ def test_msrvtt_qa_build_end_to_end(media, tmp_path):
         ("videos/video5.mp4", "not_found", "train_qa.json", 3), ("", "bad_annotation", "train_qa.json", 4)}
 
     # The built-in task asks each question of the stored clip: once per evaluation pass, once per epoch.
-    from data import pipeline
+    from mirasol3b_data import pipeline
     from test_data_pipeline import ids, make_config
 
     config = make_config(task="local_media_msrvtt_qa_tiny", tfds_data_dir=str(tmp_path / "out"), batch_size=4)

@@ -1,5 +1,5 @@
-"""Behaviour of the one decode path (`data.media.decode_clip`) on clips encoded at test time with
-`data.encode.write_clip`, on the real sample files in ../shared/samples, and on broken files."""
+"""Behaviour of the one decode path (`mirasol3b_data.media.decode_clip`) on clips encoded at test time with
+`mirasol3b_data.encode.write_clip`, on the real sample files in ../shared/samples, and on broken files."""
 
 import dataclasses
 import math
@@ -13,10 +13,10 @@ import av
 import numpy as np
 import pytest
 
-from data import media
-from data.encode import ffmpeg_exe, write_clip
-from data.media import MEDIA_EXTENSIONS, Clip, MediaError, decode_clip
-from data.spec import MediaSpec
+from mirasol3b_data import media
+from mirasol3b_data.encode import ffmpeg_exe, write_clip
+from mirasol3b_data.media import MEDIA_EXTENSIONS, Clip, MediaError, decode_clip
+from mirasol3b_data.spec import MediaSpec
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 TINY = MediaSpec(fps=8, num_frames=32, snippet_frames=2, image_size=32, sample_rate=16_000)

@@ -1,4 +1,4 @@
-"""Damaged copies of the real sample files through `data.media.decode_clip`: cut anywhere, bytes
+"""Damaged copies of the real sample files through `mirasol3b_data.media.decode_clip`: cut anywhere, bytes
 flipped, 4 KB zeroed, codec names in the stream headers changed, and other formats under a video
 name. Each must give a sane Clip or a MediaError that names the file and a known reason, never
 another exception and never one the decoder's safety net caught ("unexpected": a new root cause to
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import media
-from data.media import REASONS, Clip, MediaError, decode_clip
-from data.spec import MediaSpec
+from mirasol3b_data import media
+from mirasol3b_data.media import REASONS, Clip, MediaError, decode_clip
+from mirasol3b_data.spec import MediaSpec
 from test_media import _check_shapes, _sample  # _sample skips the test when ../shared/samples is absent
 
 VIDEO_SAMPLES = ("chaplin.mp4", "big_buck_bunny_432_433.webm", "no_duration.webm", "fire2.mp4", "example.mp4",

@@ -21,7 +21,7 @@ import pytest
 from configs import tiny
 from mirasol3b import distributed, sharding
 from mirasol3b.model import Mirasol3B
-from mirasol3b.train import checkpoints as ckpt
+from mirasol3b.train.checkpointer import PER_PROCESS, Checkpointer, own_data_state, with_shardings
 from mirasol3b.train import loop
 from mirasol3b.train.optimizer import make_optimizer
 from mirasol3b.train.random_batches import RandomBatches
@@ -195,8 +195,8 @@ def _losses(workdir: str) -> list[float]:
 def _restore(workdir: str, cfg, mesh):
     """(step, state, data state, the saved data item) of `workdir`'s latest checkpoint, onto `mesh`."""
     boxed, _ = abstract_state(Mirasol3B(cfg.model), make_optimizer(cfg.train), example_batch(cfg, 2))
-    target = ckpt.with_shardings(boxed, state_shardings(boxed, mesh))
-    checkpointer = ckpt.Checkpointer(workdir, save_every=1, keep=1, read_only=True)
+    target = with_shardings(boxed, state_shardings(boxed, mesh))
+    checkpointer = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
     try:
         assert checkpointer.all_steps() == [NUM_STEPS]
         step, state, data_state = checkpointer.restore_latest(target)
@@ -207,10 +207,10 @@ def _restore(workdir: str, cfg, mesh):
 
 
 def test_own_data_state_picks_this_process_entry():
-    saved = {ckpt.PER_PROCESS: [{"position": 3, "rows": [0, 4]}, {"position": 3, "rows": [4, 8]}]}
-    assert ckpt.own_data_state(saved, 1) == {"position": 3, "rows": [4, 8]}
-    assert ckpt.own_data_state(saved, 2) == saved[ckpt.PER_PROCESS][0], "more processes now: modulo"
-    assert ckpt.own_data_state({"position": 3}, 5) == {"position": 3}, "saved by one process: as it is"
+    saved = {PER_PROCESS: [{"position": 3, "rows": [0, 4]}, {"position": 3, "rows": [4, 8]}]}
+    assert own_data_state(saved, 1) == {"position": 3, "rows": [4, 8]}
+    assert own_data_state(saved, 2) == saved[PER_PROCESS][0], "more processes now: modulo"
+    assert own_data_state({"position": 3}, 5) == {"position": 3}, "saved by one process: as it is"
 
 
 def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path):
@@ -246,7 +246,7 @@ def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path
     step, state, data_state, saved_data = _restore(two, cfg, mesh)
     ref_step, ref_state, _, _ = _restore(one, cfg, mesh)
     assert step == ref_step == int(state.step) == NUM_STEPS
-    assert saved_data == {ckpt.PER_PROCESS: [{"position": NUM_STEPS, "rows": [0, 4]},
+    assert saved_data == {PER_PROCESS: [{"position": NUM_STEPS, "rows": [0, 4]},
                                              {"position": NUM_STEPS, "rows": [4, 8]}]}, "each process's own"
     assert data_state == {"position": NUM_STEPS, "rows": [0, 4]}
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),

@@ -34,10 +34,12 @@ from orbax.checkpoint._src.path import gcs_utils
 from seqio import vocabularies
 
 from configs import tiny
-from data import vocab
-from data.builders import report
-from mirasol3b import configlib, evaluate
-from mirasol3b.train import checkpoints as ckpt
+from mirasol3b_data import vocab
+from mirasol3b_data.builders import report
+from mirasol3b import configlib
+from mirasol3b import paths
+from mirasol3b.train import checkpointer, logs, restore
+from mirasol3b.train.checkpointer import Checkpointer
 from mirasol3b.train import loop
 from mirasol3b.train.random_batches import RandomBatches
 
@@ -72,7 +74,7 @@ def fake_bucket(tmp_path, monkeypatch):
     monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else gs:// bypasses the mock
     monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", lambda path: {"driver": "file", "path": local(path)})
     monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
-    monkeypatch.setattr(ckpt, "require_gcs_client", lambda directory: None)  # what that check needs it for
+    monkeypatch.setattr(checkpointer, "require_gcs_client", lambda directory: None)  # what that check needs it for
     create_file_writer = tf.summary.create_file_writer
     monkeypatch.setattr(tf.summary, "create_file_writer",
                         lambda logdir, *args, **kwargs: create_file_writer(local(logdir), *args, **kwargs))
@@ -114,15 +116,15 @@ def test_training_in_a_gs_workdir_writes_to_the_bucket_and_resumes(fake_bucket, 
     assert data.position == 2, "the data position was restored with the state"
 
     # What evaluate and answer read from the workdir besides the state restored above: the config.
-    assert evaluate.config_from_workdir(WORKDIR).to_dict() == cfg.to_dict()
-    assert os.fspath(evaluate.write_metrics(WORKDIR, {"step": 2, "split": "validation", "exact_match": 0.5})) \
+    assert restore.config_from_workdir(WORKDIR).to_dict() == cfg.to_dict()
+    assert os.fspath(logs.write_metrics(WORKDIR, {"step": 2, "split": "validation", "exact_match": 0.5})) \
         == f"{WORKDIR}/eval_validation_step2.json"
     assert json.loads((run / "eval_validation_step2.json").read_text())["exact_match"] == 0.5
 
 
 def test_corrupt_record_and_half_written_steps_in_a_gs_workdir(fake_bucket):
     run = fake_bucket / "bucket" / "runs" / "x"
-    checkpointer = ckpt.Checkpointer(WORKDIR, save_every=1, keep=1)
+    checkpointer = Checkpointer(WORKDIR, save_every=1, keep=1)
     assert checkpointer.workdir == WORKDIR and checkpointer.directory == f"{WORKDIR}/checkpoints"
     assert checkpointer.record_path == f"{WORKDIR}/corrupt_checkpoints.json"
     (run / "checkpoints" / "3.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
@@ -143,17 +145,17 @@ def test_corrupt_record_and_half_written_steps_in_a_gs_workdir(fake_bucket):
     checkpointer.close()
     # Written in place (a GCS object appears whole), no temporary left behind.
     assert sorted(os.listdir(run)) == ["checkpoints", "corrupt_checkpoints.json"]
-    with ckpt.Checkpointer(WORKDIR, save_every=1, keep=1, read_only=True) as again:
+    with Checkpointer(WORKDIR, save_every=1, keep=1, read_only=True) as again:
         assert again.corrupt == {7: "test"} and again.latest_step() is None
     with pytest.raises(FileNotFoundError, match="no checkpoints directory at gs://bucket/runs/none/checkpoints; train there first"):
-        evaluate.config_from_workdir("gs://bucket/runs/none")
+        restore.config_from_workdir("gs://bucket/runs/none")
 
 
 def test_local_paths_stay_absolute_and_records_replace_atomically(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    checkpointer = ckpt.Checkpointer("run", save_every=1, keep=1)
+    checkpointer = Checkpointer("run", save_every=1, keep=1)
     assert checkpointer.workdir == str(tmp_path / "run")
-    assert ckpt.as_path("gs://b/x") == epath.Path("gs://b/x") and os.fspath(ckpt.as_path("gs://b/x")) == "gs://b/x"
+    assert paths.as_path("gs://b/x") == epath.Path("gs://b/x") and os.fspath(paths.as_path("gs://b/x")) == "gs://b/x"
     replaced = []
     monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append((src, dst)) or os.rename(src, dst))
     checkpointer.corrupt[5] = "test"
@@ -223,9 +225,13 @@ def test_evaluate_cli_starts_distributed_like_main():
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
     assert done.returncode != 0
     assert "--distributed=off with --num_processes" in done.stderr
-    # Both command lines' modules in one process: `distributed` defines its flags once.
+    # Both command lines' modules in one process: none defines a flag at import (cli.run does).
     both = subprocess.run([sys.executable, "-c", ("import mirasol3b.main, mirasol3b.evaluate, mirasol3b.answer; "
-                                                  "from absl import flags; print(flags.FLAGS['distributed'].default)")],
+                                                  "from absl import flags; from mirasol3b import cli; "
+                                                  "assert 'distributed' not in flags.FLAGS, 'defined at import'; "
+                                                  "cli.define(mirasol3b.evaluate.SHARED_FLAGS, "
+                                                  "mirasol3b.evaluate.define_flags, flags.FLAGS); "
+                                                  "print(flags.FLAGS['distributed'].default)")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
     assert both.returncode == 0 and both.stdout.strip() == "auto", both.stderr
@@ -241,4 +247,4 @@ def _installed(module: str) -> bool:
 @pytest.mark.skipif(_installed("google.cloud.storage"), reason="google-cloud-storage is installed")
 def test_a_gs_workdir_without_google_cloud_storage_says_what_to_install():
     with pytest.raises(ImportError, match="gs://bucket/runs/x/checkpoints need google-cloud-storage"):
-        ckpt.Checkpointer(WORKDIR, save_every=1, keep=1)
+        Checkpointer(WORKDIR, save_every=1, keep=1)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import storage
-from data.media import decode_clip
-from data.spec import MediaSpec
+from mirasol3b_data import storage
+from mirasol3b_data.media import decode_clip
+from mirasol3b_data.spec import MediaSpec
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 BASE = MediaSpec(fps=6.25, num_frames=128, snippet_frames=16, image_size=224)  # configs/mirasol3b.py's geometry

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from data import synthetic
-from data.builders.report import skipped_report_path
-from data.builders.synthetic_avqa import Builder, SyntheticAvqaConfig
-from data.builders.synthetic_avqa.synthetic_avqa import _Maker
-from data.spec import MediaSpec
+from mirasol3b_data import synthetic
+from mirasol3b_data.builders.report import skipped_report_path
+from mirasol3b_data.builders.synthetic_avqa import Builder, SyntheticAvqaConfig
+from mirasol3b_data.builders.synthetic_avqa.synthetic_avqa import _Maker
+from mirasol3b_data.spec import MediaSpec
 
 T = MediaSpec.from_config(tiny.get_config()).max_snippets  # snippets per clip at the tiny geometry
 
@@ -120,7 +120,7 @@ def _stored_media(example):
     """The (video uint8, audio float32) that training reads from a stored example."""
     import tensorflow as tf
 
-    from data.storage import AUDIO_SCALE
+    from mirasol3b_data.storage import AUDIO_SCALE
 
     video = np.stack([tf.io.decode_image(frame, channels=3).numpy() for frame in example["video"]])
     return video, example["audio"].astype(np.float32) / AUDIO_SCALE

@@ -13,7 +13,9 @@ import pytest
 
 from configs import tiny
 from mirasol3b import configlib
-from mirasol3b.train import checkpoints as ckpt
+from mirasol3b.errors import CheckpointCorruptError, CheckpointMismatchError
+from mirasol3b.train.checkpointer import Checkpointer
+from mirasol3b.train.preemption import PREEMPTED_EXIT_CODE
 from mirasol3b.train import loop
 from mirasol3b.train.random_batches import RandomBatches
 
@@ -81,7 +83,7 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     # Resuming under another model config: the fields first, then the params that do not fit.
     other = _config(6)
     other.model.scan_layers = not cfg.model.scan_layers
-    with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)differs from the one checkpoint step 4 was trained "
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)differs from the one checkpoint step 4 was trained "
                        rf"with .*config\.model\.scan_layers: {other.model.scan_layers} here, "
                        rf"{cfg.model.scan_layers} in the checkpoint.*does not fit"):
         loop.train(other, workdir, data_iter=RandomBatches(other, other.data.batch_size))
@@ -89,7 +91,7 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     # paths are cut short.
     other = _config(6)
     other.model.param_dtype = "bfloat16"
-    with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)config\.model\.param_dtype: 'bfloat16' here, "
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)config\.model\.param_dtype: 'bfloat16' here, "
                        r"'float32' in the checkpoint.*shape or dtype mismatch: \d+\n(    .*\n){25}    \.\.\. and \d+ more"):
         loop.train(other, workdir, data_iter=RandomBatches(other, other.data.batch_size))
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:  # a run that died after logging step 6
@@ -135,7 +137,7 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
     tune = _config(2)
     tune.init_from = workdir
     tune.model.scan_layers = not cfg.model.scan_layers
-    with pytest.raises(ckpt.CheckpointMismatchError, match=r"(?s)init_from: this config differs from .* in fields "
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)init_from: this config differs from .* in fields "
                        rf"that define the model:\n  config\.model\.scan_layers: {tune.model.scan_layers} here.*"
                        r"init_from_allow"):
         loop.train(tune, str(tmp_path / "tune"), data_iter=RandomBatches(tune, tune.data.batch_size))
@@ -167,13 +169,13 @@ def test_second_run_resumes_and_a_finished_run_does_nothing(tmp_path, capsys):
 
     # Every checkpoint unreadable: the run refuses to start over (its new steps 2, 4 and 6 would
     # be refused next to the old ones, or mistaken for them), naming each one.
-    for step in ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps():
+    for step in Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps():
         state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
         for root, _, files in os.walk(state_dir):
             for name in files:
                 if "/d" in root[len(state_dir):]:  # the array store's data files
                     os.truncate(os.path.join(root, name), 0)
-    with pytest.raises(ckpt.CheckpointCorruptError, match=r"(?s)no checkpoint in .* could be restored, so the run does not "
+    with pytest.raises(CheckpointCorruptError, match=r"(?s)no checkpoint in .* could be restored, so the run does not "
                                            r"start over.*step 6 at .*corrupt.*step 4 at .*corrupt"):
         loop.train(_config(8), workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
 
@@ -207,7 +209,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
     cfg = _config(8)
     with pytest.raises(loop.NonFiniteLossError, match=r"at step 3\b.*step 2"):
         loop.train(cfg, workdir, data_iter=_EventAt(cfg, 3, _nan_in_waveform))
-    checkpointer = ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True)
+    checkpointer = Checkpointer(workdir, save_every=2, keep=2, read_only=True)
     assert checkpointer.all_steps() == [2]
 
 
@@ -231,7 +233,7 @@ def test_infinite_gradient_norm_stops_before_that_step_is_saved(tmp_path, monkey
     cfg = _config(8)
     with pytest.raises(loop.NonFiniteLossError, match=r"loss is [0-9.]+ \(gradient norm inf\) at step 4\b.*step 2"):
         loop.train(cfg, workdir, data_iter=RandomBatches(cfg, cfg.data.batch_size))
-    assert ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps() == [2]
+    assert Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps() == [2]
     # The line of step 2 (log_every 2): means over steps 1-2, the rate of update 2, and the speed of
     # the timed steps (step 1 compiles: none of them at step 2).
     (line,) = [json.loads(row) for row in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -247,9 +249,9 @@ def test_sigterm_saves_its_step_and_exits_143_or_says_it_could_not_save(tmp_path
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
         loop.train(cfg, workdir, data_iter=_EventAt(cfg, 3, _sigterm))
-    assert stopped.value.code == ckpt.PREEMPTED_EXIT_CODE
+    assert stopped.value.code == PREEMPTED_EXIT_CODE
     assert "preempted: saved step 3 in" in capsys.readouterr().out
-    assert ckpt.Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps() == [2, 3]
+    assert Checkpointer(workdir, save_every=2, keep=2, read_only=True).all_steps() == [2, 3]
 
     # Step 5's directory already exists (a corrupt checkpoint is never overwritten): the
     # preemption at step 5 cannot save it, says so, and names the step the next run resumes from.
@@ -257,7 +259,7 @@ def test_sigterm_saves_its_step_and_exits_143_or_says_it_could_not_save(tmp_path
     with pytest.raises(SystemExit) as stopped:
         loop.train(cfg, workdir, data_iter=_EventAt(cfg, 5, _sigterm))
     out = capsys.readouterr().out
-    assert stopped.value.code == ckpt.PREEMPTED_EXIT_CODE
+    assert stopped.value.code == PREEMPTED_EXIT_CODE
     assert "resumed from step 3" in out
     assert "preempted at step 5, which could not be saved" in out and "the next run resumes from step 4" in out
     assert signal.getsignal(signal.SIGTERM) == handler, "the loop's guard put the previous handler back"

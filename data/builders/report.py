@@ -77,7 +77,7 @@ def skipped_report_path(builder) -> epath.Path:
 
 def skippable() -> tuple[type[BaseException], ...]:
     # Imported here so that report.py stays usable by builders that never decode media.
-    from data.media import MediaError
+    from mirasol3b_data.media import MediaError
 
     return (MediaError, SkipExample)
 

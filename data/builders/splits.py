@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from data.builders.report import BuildReport, EmptySplitError, Skipped, skippable
+from mirasol3b_data.builders.report import BuildReport, EmptySplitError, Skipped, skippable
 
 COUNTERS = "mirasol3b.build"
 PARTS_DIR = "skipped.parts"
@@ -56,7 +56,7 @@ def travel_by_value(module_name: str) -> None:
     name `NAME.NAME`, which Beam's worker processes cannot import, its classes and functions are
     pickled by value (the `data` package they use is imported as usual). Tried: without this every
     worker failed with "No module named 'local_media'"."""
-    if module_name.startswith("data.builders."):
+    if module_name.startswith("mirasol3b_data.builders."):
         return
     from apache_beam.internal.cloudpickle import cloudpickle
 

@@ -26,34 +26,20 @@ from absl import logging
 from etils import epath
 from flax import linen as nn
 
-from mirasol3b import configlib, sharding
+from mirasol3b import configlib, distributed, sharding
+from mirasol3b.errors import CheckpointCorruptError, CheckpointMismatchError
 from mirasol3b.model import Mirasol3B
-from mirasol3b.train import checkpoints as ckpt
+from mirasol3b.train import restore
+from mirasol3b.train.batches import global_batch, model_batch
+from mirasol3b.train.checkpointer import Checkpointer, with_shardings
+from mirasol3b.train.logs import MetricsLog, write_metrics
 from mirasol3b.train.optimizer import SCHEDULE_FIELDS, learning_rate_schedule, make_optimizer
+from mirasol3b.train.preemption import PreemptionGuard
 from mirasol3b.train.state import abstract_state, check_batch_shapes, state_shardings
 from mirasol3b.train.step import make_train_step
 
-# What the train step reads; the pipeline's other keys (prompts, eval metadata) stay on the host.
-MODEL_KEYS = ("video", "audio", "media_mask", "text_inputs", "text_targets", "text_loss_weights")
-
-
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-def model_batch(batch: dict, config: ml_collections.ConfigDict, keys: tuple[str, ...] = MODEL_KEYS) -> dict:
-    """`batch`'s `keys` that the model reads: media it does not use, and host-side metadata (eval
-    strings), never go to the devices."""
-    skip = {"video"} if not config.model.use_video else set()
-    skip |= {"audio"} if not config.model.use_audio else set()
-    return {k: batch[k] for k in keys if k in batch and k not in skip}
-
-
-def global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-    """Host arrays -> global arrays sharded over the data axes (each process passes its own rows)."""
-    sharding.check_batch_split(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-            for k, v in batch.items()}
 
 
 def _format_eta(seconds: float) -> str:
@@ -61,100 +47,18 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class MetricsLog:
-    """Appends metrics to `metrics.jsonl` and TensorBoard event files in the workdir (process 0).
-
-    `metrics.jsonl` is opened, appended to and closed at every write (an `epath` file on GCS is a
-    context manager, not a handle to keep): on GCS each write re-uploads the whole object, which is
-    small (one line per `train.log_every` steps), and a crash loses at most the line being written.
-    """
-
-    def __init__(self, workdir: epath.PathLike, resumed_from: int = 0):
-        self.enabled = jax.process_index() == 0
-        self.workdir = epath.Path(workdir)
-        self.tensorboard_dir = self.workdir / "tensorboard"
-        if self.enabled:
-            import tensorflow as tf
-            from tensorflow.core.framework import summary_pb2
-
-            # `tf.summary.scalar` lives in the tensorboard package (not installed); this is what it
-            # writes: a float tensor tagged for TensorBoard's scalars plugin.
-            metadata = summary_pb2.SummaryMetadata()
-            metadata.plugin_data.plugin_name = "scalars"
-            self._scalar_metadata = metadata.SerializeToString()
-            self._tf = tf
-            self.path = self.workdir / "metrics.jsonl"
-            self.path.touch()  # present from the start, as an opened log would be
-            self._drop_after(resumed_from)
-            self._writer = tf.summary.create_file_writer(str(self.tensorboard_dir))  # gs:// too
-
-    def _records(self) -> list[tuple[str, dict | None]]:
-        """(line, its record, or None for a line a crash left unfinished) of metrics.jsonl."""
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            out.append((line, record if isinstance(record, dict) and "step" in record else None))
-        return out
-
-    def has_eval(self, step: int) -> bool:
-        """Whether an evaluation of `step` was logged (every process gets process 0's answer)."""
-        found = self.enabled and any(r is not None and r["step"] == step and r.get("split") == "eval"
-                                     for _, r in self._records())
-        return ckpt.primary_decides(found)
-
-    def _drop_after(self, step: int) -> None:
-        """Lines of steps after the checkpoint resumed from were written by a run that died before
-        saving them; those steps are trained again, so their old lines go (as does a line the crash
-        left unfinished)."""
-        records = self._records()
-        kept = [line for line, r in records if r is not None and r["step"] <= step]
-        if len(kept) < len(records):
-            self.path.write_text("".join(line + "\n" for line in kept))
-            print(f"metrics.jsonl: dropped {len(records) - len(kept)} lines of steps after {step} (trained "
-                  "again) or left unfinished", flush=True)
-
-    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
-        with self._writer.as_default(step=step):
-            for k, v in scalars.items():
-                self._tf.summary.write(f"{prefix}/{k}", self._tf.constant(v, self._tf.float32),
-                                       metadata=self._scalar_metadata)
-        self._writer.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._writer.close()
-
-
-def quiet_logging() -> None:
-    """Only warnings from absl logging (Orbax and TFDS log every file at INFO, burying the progress
-    line), unless `--verbosity` was given."""
-    from absl import flags
-
-    verbosity = flags.FLAGS["verbosity"] if "verbosity" in flags.FLAGS else None
-    if verbosity is None or not verbosity.present:
-        logging.set_verbosity(logging.WARNING)
-
-
 def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_iter):
     """(state, shardings, first step): resumed, fine-tuned from `init_from`, or fresh."""
     boxed, init = abstract_state(model, optimizer, example)
     shardings = state_shardings(boxed, mesh)
-    abstract = ckpt.with_shardings(nn.unbox(boxed), shardings)
+    abstract = with_shardings(nn.unbox(boxed), shardings)
     try:
         restored = checkpointer.restore_latest(abstract)
-    except ckpt.CheckpointMismatchError as e:
+    except CheckpointMismatchError as e:
         latest = checkpointer.latest_step()
         saved = checkpointer.saved_config(latest) if latest is not None else None
         # Resuming restores the optimizer state too, whose dtypes are the params'.
-        differ = configlib.model_differences(config, saved, also=frozenset({"model.param_dtype"})) if saved else []
+        differ = restore.model_differences(config, saved, also=frozenset({"model.param_dtype"})) if saved else []
         if not differ:
             raise
         raise _fields_first(e, f"this run's config differs from the one checkpoint step {latest} was trained "
@@ -177,7 +81,7 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
         _note_schedule_change(config, checkpointer.saved_config(step), step)
         return state, shardings, step
     if checkpointer.all_steps():  # starting over would bury them under new steps of the same numbers
-        raise ckpt.CheckpointCorruptError(
+        raise CheckpointCorruptError(
             f"no checkpoint in {checkpointer.directory} could be restored, so the run does not start over; "
             "fix or move them away (or use a new workdir):" + "".join(f"\n  {p}" for p in checkpointer.problems))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -186,10 +90,10 @@ def _initial_state(config, model, optimizer, example, mesh, checkpointer, data_i
         allow = config.init_from_allow
         differ = _source_differences(config)
         try:
-            params = ckpt.load_params_for_finetuning(
+            params = restore.load_params_for_finetuning(
                 config.init_from, abstract.params, fresh_params=state.params, allow_missing=allow.missing,
                 allow_unexpected=allow.unexpected, allow_shape_mismatch=allow.shape_mismatch)
-        except ckpt.CheckpointMismatchError as e:
+        except CheckpointMismatchError as e:
             if not differ:
                 raise
             # Allowing the param differences of, say, a scan_layers change would load almost nothing.
@@ -207,18 +111,18 @@ def _field_lines(differ: list[str]) -> str:
     return " in fields that define the model:" + "".join(f"\n  {d}" for d in differ)
 
 
-def _fields_first(e: ckpt.CheckpointMismatchError, head: str, differ: list[str],
-                  advice: str) -> ckpt.CheckpointMismatchError:
+def _fields_first(e: CheckpointMismatchError, head: str, differ: list[str],
+                  advice: str) -> CheckpointMismatchError:
     """`e` (hundreds of param paths for, say, a scan_layers change) after the config fields that
     explain it in a line each."""
-    return ckpt.CheckpointMismatchError(f"{head}{_field_lines(differ)}\n{advice}:\n{e}")
+    return CheckpointMismatchError(f"{head}{_field_lines(differ)}\n{advice}:\n{e}")
 
 
 def _source_differences(config: ml_collections.ConfigDict) -> list[str]:
-    """`configlib.model_differences` between `config` and the config saved with init_from's run."""
-    found = ckpt.latest_saved_config(config.init_from, what="init_from")
+    """`restore.model_differences` between `config` and the config saved with init_from's run."""
+    found = restore.latest_saved_config(config.init_from, what="init_from")
     saved = found[1] if found else None
-    return configlib.model_differences(config, saved) if saved else []
+    return restore.model_differences(config, saved) if saved else []
 
 
 def _note_schedule_change(config: ml_collections.ConfigDict, saved: dict | None, step: int) -> None:
@@ -269,8 +173,6 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
     for note in config_notes(config):
         print(f"note: {note}", flush=True)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    from mirasol3b import distributed  # here: it defines command-line flags, a library should not
-
     distributed.check_shared_directory(workdir, "the workdir")
     try:
         mesh = sharding.make_mesh(config.mesh_shape)
@@ -280,8 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     configlib.check_batch_fits_mesh(config, data_shards)
     if data_iter is None:
-        from data import pipeline  # TensorFlow and SeqIO load only when the pipeline is used
-        configlib.import_task_modules(config)
+        from mirasol3b_data import pipeline  # TensorFlow and SeqIO load only when the pipeline is used
         data_iter = pipeline.make_input_iterator(config, "train")
 
     model = Mirasol3B(config.model)
@@ -290,7 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
     check_batch_shapes(first, config)
     example = global_batch(first, mesh)
     c = config.checkpoint
-    checkpointer = ckpt.Checkpointer(workdir, save_every=c.every_steps, keep=c.keep, async_save=c.async_save)
+    checkpointer = Checkpointer(workdir, save_every=c.every_steps, keep=c.keep, async_save=c.async_save)
     state, shardings, start_step = _initial_state(config, model, optimizer, example, mesh, checkpointer, data_iter)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     num_steps = config.train.num_steps
@@ -312,7 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, *, data_it
     log = MetricsLog(workdir, resumed_from=start_step)
     last: dict = {}
     eval_every = config.eval.every_steps
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES), ckpt.PreemptionGuard() as guard:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES), PreemptionGuard() as guard:
         step_fn = jax.jit(make_train_step(model, optimizer, config.loss, config.train.microbatches),
                           in_shardings=(shardings, batch_shardings, None),
                           out_shardings=(shardings, None), donate_argnums=0)
@@ -414,8 +315,6 @@ def _evaluate(evaluate_fn, config, params, mesh, log: MetricsLog, step: int) -> 
     results = evaluate_fn(config, params, mesh)
     log.write(step, results, prefix="eval")  # the numbers; the whole result (samples too) beside, as evaluate's
     if "split" in results and jax.process_index() == 0:
-        from mirasol3b.evaluate import write_metrics  # evaluate imports this module
-
         write_metrics(log.workdir, {"step": step, **results})
     print(f"eval at step {step}: " + json.dumps({k: v for k, v in results.items() if isinstance(v, (int, float))}),
           flush=True)

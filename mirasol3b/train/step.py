@@ -25,7 +25,7 @@ def latent_loss_weight(loss_config: ml_collections.ConfigDict, step) -> jax.Arra
     of 3000 steps; at 1e-3, configs/tiny.py's rate, none of five runs needed it).
     """
     weight = jnp.asarray(loss_config.latent_loss_weight, jnp.float32)
-    decay_steps = loss_config.get("latent_loss_decay_steps", 0)
+    decay_steps = loss_config.latent_loss_decay_steps
     if not decay_steps:
         return weight
     progress = jnp.minimum(jnp.asarray(step, jnp.float32) / decay_steps, 1.0)
@@ -44,7 +44,7 @@ def make_loss_fn(model: nn.Module, loss_config: ml_collections.ConfigDict) -> Ca
                                             latent_negatives=loss_config.latent_negatives,
                                             normalize_latent_target=loss_config.normalize_latent_target,
                                             denominators=denominators)
-        if loss_config.get("latent_loss_decay_steps", 0):
+        if loss_config.latent_loss_decay_steps:
             metrics["latent_loss_weight"] = weight  # logged, so a run shows where its schedule is
         return loss, metrics
     return loss_fn

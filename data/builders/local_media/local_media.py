@@ -7,23 +7,22 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
-from pathlib import Path
 
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-try:
-    import data.spec  # noqa: F401
-except ImportError:  # `tfds build data/builders/local_media` imports this file as `local_media.local_media`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+try:  # `tfds build data/builders/local_media` imports this file as `local_media.local_media`
+    import mirasol3b_data.spec  # noqa: F401
+except ImportError as e:
+    raise ImportError("the data/ package is installed as mirasol3b_data: `make install` (or `pip install -e .`) "
+                      "in the repository first") from e
 
-from data import readers, storage
-from data.builders import FileCodePath
-from data.builders.report import SkipExample, Skipped
-from data.builders.splits import ClipSplits, Text, clip_outcomes, travel_by_value
-from data.spec import MediaSpec, example_features
+from mirasol3b_data import readers, storage
+from mirasol3b_data.builders import FileCodePath
+from mirasol3b_data.builders.report import SkipExample, Skipped
+from mirasol3b_data.builders.splits import ClipSplits, Text, clip_outcomes, travel_by_value
+from mirasol3b_data.spec import MediaSpec, example_features
 
 # Media geometry presets, equal to what configs/tiny.py, configs/mirasol3b.py and configs/long_video.py
 # ask for (a test keeps them equal); literal here because `tfds build` may run where `configs` is not importable.
@@ -201,7 +200,7 @@ class NoAnnotationsError(FileNotFoundError):
 def _manual_dir(path) -> epath.Path:
     """The manual dir, a local folder or one in a bucket (`gs://`: epath keeps the scheme, which
     pathlib would turn into `gs:/`). Clips in a bucket are copied to a local temporary file to
-    decode (`data.media.decode_clip`)."""
+    decode (`mirasol3b_data.media.decode_clip`)."""
     path = os.fspath(path)
     return epath.Path(path if "://" in path else os.path.expanduser(path))
 
@@ -332,7 +331,7 @@ class _Maker:
         return clip_outcomes(f"{source}@{start!r}", source, texts, lambda: self._example(video, start, source, texts))
 
     def _example(self, video: str, start: float, source: str, texts) -> dict:
-        from data.media import decode_clip  # imported here: the decoder is only needed to build
+        from mirasol3b_data.media import decode_clip  # imported here: the decoder is only needed to build
 
         clip = decode_clip(_media_path(self.manual_dir, video), self.spec, start_seconds=start, threads=self.threads)
         if clip.audio_missing and self.spec.missing_audio != "silence":  # the decoder's job; a cheap guard

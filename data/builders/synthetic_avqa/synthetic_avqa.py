@@ -13,24 +13,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-try:
-    import data.spec  # noqa: F401
-except ImportError:  # `tfds build data/builders/synthetic_avqa` imports this file as `synthetic_avqa.synthetic_avqa`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+try:  # `tfds build data/builders/synthetic_avqa` imports this file as `synthetic_avqa.synthetic_avqa`
+    import mirasol3b_data.spec  # noqa: F401
+except ImportError as e:
+    raise ImportError("the data/ package is installed as mirasol3b_data: `make install` (or `pip install -e .`) "
+                      "in the repository first") from e
 
-from data import storage, synthetic
-from data.builders import FileCodePath
-from data.builders.report import SkipExample
-from data.builders.splits import ClipSplits, Text, clip_outcomes, travel_by_value
-from data.spec import MediaSpec, example_features
+from mirasol3b_data import storage, synthetic
+from mirasol3b_data.builders import FileCodePath
+from mirasol3b_data.builders.report import SkipExample
+from mirasol3b_data.builders.splits import ClipSplits, Text, clip_outcomes, travel_by_value
+from mirasol3b_data.spec import MediaSpec, example_features
 
 # Media geometry, equal to what configs/tiny.py asks for (a test keeps them equal); literal here
 # because `tfds build` may run where `configs` is not importable.
@@ -155,8 +154,8 @@ class _Maker:
                 for j, q in enumerate([qa, *synthetic.extra_questions(self.cfg.seed, split, index, qa, extra)])]
 
     def __call__(self, item: tuple[str, Sequence[int]]) -> list:
-        from data.encode import write_clip  # imported here: only building needs ffmpeg and PyAV
-        from data.media import MediaError, decode_clip
+        from mirasol3b_data.encode import write_clip  # imported here: only building needs ffmpeg and PyAV
+        from mirasol3b_data.media import MediaError, decode_clip
 
         split, indices = item
         spec, source = self.spec, self.source

@@ -88,7 +88,7 @@ def main(args: cli.Args) -> None:
     from mirasol3b_data.media import MediaError
 
     cli.quiet_logging()
-    config = restore.eval_config(args.config, args.workdir, check=False)
+    config = restore.eval_config(args.config, args.workdir, check=False)  # --config: nothing read yet
     try:  # the file first: a bad one fails in a second, before the checkpoint is read
         batch = prepare(config, args.video, args.question, missing_audio=args.missing_audio)
     except MediaError as e:

@@ -234,7 +234,9 @@ def main(args: cli.Args) -> None:
     workdir = args.workdir
     distributed.check_shared_directory(workdir, "--workdir", create=False)
     workdir = os.fspath(restore.workdir_of(workdir))  # also given as its checkpoints directory
-    config = restore.eval_config(args.config, workdir, check=args.config_check)
+    # The checkpoint directory is opened twice: here for its config, then for the params.
+    stored = restore.stored_config(workdir)
+    config = restore.eval_config(args.config, workdir, check=args.config_check, stored=stored)
     if args.split:
         config.eval.split = args.split
     from mirasol3b_data import pipeline
@@ -242,7 +244,7 @@ def main(args: cli.Args) -> None:
     pipeline.check_eval_split(config)  # a wrong split or an unbuilt dataset: before the checkpoint is read
     mesh = sharding.make_mesh(config.mesh_shape)
     step, params = restore.restore_params(config, workdir, mesh)
-    saved, _ = restore.stored_config(workdir)  # its dtypes name an evaluation in others apart
+    saved = stored[0]  # its dtypes name an evaluation in others apart
     trained = numerics(restore.from_saved(saved)) if saved is not None else None
     print(f"evaluating step {step} of {workdir}", file=sys.stderr, flush=True)  # stdout: the JSON line only
     metrics = {"step": step, **evaluate(config, params, mesh)}  # config.eval.split: --split's when given

@@ -159,21 +159,22 @@ def stored_config(workdir: epath.PathLike) -> tuple[dict | None, epath.Path]:
         return ckpt.saved_config(step), epath.Path(ckpt.step_path(step)) / "config"
 
 
-def config_from_workdir(workdir: epath.PathLike) -> ml_collections.ConfigDict:
+def config_from_workdir(workdir: epath.PathLike, stored: tuple | None = None) -> ml_collections.ConfigDict:
     """The config stored with `workdir`'s latest checkpoint, over `base_config()` defaults (so fields
-    added since it was saved get theirs), validated."""
-    saved, path = stored_config(workdir)
+    added since it was saved get theirs), validated. `stored`: `stored_config(workdir)` if already read."""
+    saved, path = stored or stored_config(workdir)
     if saved is None:
         raise errors.NotFoundError(f"checkpoint {path.parent} stores no config; pass --config")
     return configlib.validate(from_saved(saved))  # a field the code no longer knows is an error naming it
 
 
-def check_config_matches_checkpoint(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
+def check_config_matches_checkpoint(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+                                    stored: tuple | None = None) -> None:
     """Raises `ConfigError` naming each field that defines the trained model
     (`model_differences`) whose value differs from the config stored with `workdir`'s
     checkpoint. Params of the same shapes restore under another window, readout or geometry, and
-    would be scored as another model without a word."""
-    saved, path = stored_config(workdir)
+    would be scored as another model without a word. `stored`: `stored_config(workdir)` if read."""
+    saved, path = stored or stored_config(workdir)
     differ = model_differences(config, saved) if saved is not None else []
     if differ:
         raise errors.ConfigError(
@@ -229,11 +230,13 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def eval_config(config: ml_collections.ConfigDict | None, workdir: str, *, check: bool) -> ml_collections.ConfigDict:
+def eval_config(config: ml_collections.ConfigDict | None, workdir: str, *, check: bool,
+                stored: tuple | None = None) -> ml_collections.ConfigDict:
     """The config to evaluate or answer with, validated: `config` (if `check`, refused where it
-    differs from the checkpoint's in what the model is), or else the one the checkpoint stores."""
+    differs from the checkpoint's in what the model is), or else the one the checkpoint stores.
+    `stored`: `stored_config(workdir)`, when the caller has read it."""
     if config is None:
-        config = config_from_workdir(workdir)
+        config = config_from_workdir(workdir, stored)
     elif check:
-        check_config_matches_checkpoint(config, workdir)
+        check_config_matches_checkpoint(config, workdir, stored)
     return configlib.validate_eval(configlib.validate(config))

@@ -19,9 +19,9 @@ from mirasol3b.errors import CheckpointMismatchError
 from mirasol3b.model import Mirasol3B
 from mirasol3b.paths import run_dir
 from mirasol3b.train.checkpointer import Checkpointer, with_shardings
+from mirasol3b.train.fingerprint import verify
 from mirasol3b.train.optimizer import make_optimizer
 from mirasol3b.train.state import abstract_state, example_batch, state_shardings
-from mirasol3b.train.fingerprint import verify
 from mirasol3b.train.tree_diff import compare_trees, flat, mismatch_message, unflatten_like
 
 

@@ -41,7 +41,7 @@ from mirasol3b import errors
 from mirasol3b_data.spec import MediaSpec
 from mirasol3b_data.tracks import AudioTrack, VideoTrack
 
-MEDIA_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".ogv")
+MEDIA_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".ogv", ".ts")  # .ts: MPEG-TS (broadcast, streams)
 REASONS = ("not_found", "empty_file", "wrong_extension", "undecodable", "truncated", "no_video_stream",
            "no_audio_track", "too_short", "timed_out", "unreadable")
 # Per-file time limit. Only the window is decoded and the rest of the file is demuxed without
@@ -231,7 +231,7 @@ def _decode(path: str, container, spec: MediaSpec, start: Fraction, deadline: _D
     # An audio track without a decoder (a damaged header, an unsupported codec) is not read.
     audio_stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
     video = VideoTrack(video_stream, spec, start)
-    audio = AudioTrack(audio_stream) if audio_stream is not None else None
+    audio = AudioTrack(audio_stream, spec.sample_rate) if audio_stream is not None else None
     for stream in (video_stream, audio_stream):
         if stream is not None:
             stream.thread_type = "AUTO"
@@ -256,9 +256,8 @@ def _decode(path: str, container, spec: MediaSpec, start: Fraction, deadline: _D
 
     clip_start = video.origin + start
     usable = video.end - clip_start
-    # pts and duration each round to the time base (the end can read 2 ticks early); a missing frame must still count.
-    slack = min(2 * video.tb, video.step / 2, 1 / (2 * video.fps))
-    num_snippets = min(spec.max_snippets, max(0, math.floor((usable + slack) * video.fps / spec.snippet_frames)))
+    num_snippets = min(spec.max_snippets, max(0, math.floor((video.reach - clip_start) * video.fps
+                                                            / spec.snippet_frames)))
     if num_snippets < 1:
         raise MediaError(path, "too_short", f"{float(max(usable, 0)):.3f} s of video from {float(start):.3f} s; "
                                             f"one snippet needs {spec.snippet_seconds:.3f} s")

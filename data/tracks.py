@@ -61,7 +61,8 @@ class VideoTrack:
         sar = stream.sample_aspect_ratio
         self.sample_aspect = Fraction(sar) if sar and sar > 0 else Fraction(1)
         self.origin: Fraction | None = _seconds(stream.start_time, self.tb)
-        self.images: list[np.ndarray] = []  # target frames found so far, in order
+        self.images: list[np.ndarray] = []  # target frames found so far and not yet taken, in order
+        self.taken = 0  # target frames handed on by `take` (a live source's earlier snippets)
         self.prev = None  # (time, frame, cached image) of the latest frame at or before the next target
         self.decoded = 0
         self.decoding = True  # False once the window is filled: later packets are only timed
@@ -70,12 +71,30 @@ class VideoTrack:
         self.end: Fraction | None = None  # time just after the last frame seen
         self.step: Fraction = Fraction(0)  # last frame's duration (or typical interval)
 
+    @property
+    def count(self) -> int:
+        """Target frames found so far."""
+        return self.taken + len(self.images)
+
+    def take(self, n: int) -> np.ndarray:
+        """The next `n` target frames, uint8 [n, size, size, 3], dropped from the track."""
+        frames, self.images = np.stack(self.images[:n]), self.images[n:]
+        self.taken += n
+        return frames
+
     def target(self, i: int) -> Fraction:
         return self.origin + self.start + i / self.fps
 
     @property
     def window_end(self) -> Fraction:
         return self.target(self.spec.num_frames)
+
+    @property
+    def reach(self) -> Fraction:
+        """How far whole snippets may reach: the end of the last frame, with the slack of rounding
+        (pts and duration each round to the time base, so the end can read 2 ticks early; a
+        missing frame must still count)."""
+        return self.end + min(2 * self.tb, self.step / 2, 1 / (2 * self.fps))
 
     def _extend(self, t: Fraction, duration: Fraction | None) -> None:
         if duration:
@@ -109,10 +128,10 @@ class VideoTrack:
         if self.origin is None:
             self.origin = t
         # Every target before this frame's time shows the previous frame.
-        while len(self.images) < self.spec.num_frames and self.target(len(self.images)) < t:
+        while self.count < self.spec.num_frames and self.target(self.count) < t:
             self._emit(self.prev or (t, frame, None))
         self.prev = (t, frame, None)
-        self.decoding = not (len(self.images) == self.spec.num_frames and self.end >= self.window_end)
+        self.decoding = not (self.count == self.spec.num_frames and self.end >= self.window_end)
 
     def _emit(self, prev) -> None:
         t, frame, image = prev
@@ -123,8 +142,8 @@ class VideoTrack:
 
     def finish(self) -> None:
         """After the stream ends: targets before the end of the last frame show it."""
-        while (self.prev is not None and len(self.images) < self.spec.num_frames
-               and self.target(len(self.images)) < self.end):
+        while (self.prev is not None and self.count < self.spec.num_frames
+               and self.target(self.count) < self.end):
             self._emit(self.prev)
 
 
@@ -144,25 +163,37 @@ def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
     return data.astype(np.float32).mean(axis=0)
 
 
-def _resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """float32 [n] at `rate` -> float32 [~n * target / rate] at `target` (libswresample)."""
-    if rate == target or not len(x):
-        return x
-    frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
-    frame.sample_rate = rate
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=target)
-    out = resampler.resample(frame) + resampler.resample(None)
-    return np.concatenate([f.to_ndarray().reshape(-1) for f in out]) if out else np.zeros(0, np.float32)
+class _Resampler:
+    """Mono float32 at one rate -> float32 at `target` (libswresample), fed in pieces: the output is
+    that of the whole signal at once, so audio resampled as it is decoded (a live source) and
+    audio resampled at the end (a file) agree sample for sample."""
+
+    def __init__(self, rate: int, target: int):
+        self.rate = rate
+        self.resampler = None if rate == target else av.AudioResampler(format="flt", layout="mono", rate=target)
+
+    def __call__(self, x: np.ndarray | None) -> list[np.ndarray]:
+        """The output `x` completes (None: the rest, at the end)."""
+        if self.resampler is None:
+            return [] if x is None else [x]
+        frame = None
+        if x is not None:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[None, :]), format="flt", layout="mono")
+            frame.sample_rate = self.rate
+        return [f.to_ndarray().reshape(-1) for f in self.resampler.resample(frame)]
 
 
 @dataclasses.dataclass
 class _Run:
-    """Audio samples that follow each other without a gap, from `start` seconds on."""
+    """Audio samples that follow each other without a gap, from `start` seconds on, kept resampled
+    to the clip's rate (`chunks`, of which the first `dropped` samples were forgotten)."""
 
     start: Fraction
-    rate: int
-    chunks: list  # mono float32 arrays
-    samples: int = 0
+    rate: int  # the source's
+    resample: _Resampler
+    chunks: list  # mono float32 arrays at the clip's rate
+    samples: int = 0  # source samples decoded into this run
+    dropped: int = 0
 
     @property
     def end(self) -> Fraction:
@@ -171,10 +202,10 @@ class _Run:
 
 class AudioTrack:
     """Collects decoded audio near the window as runs of contiguous samples, each placed at its
-    first frame's timestamp."""
+    first frame's timestamp and resampled to `sample_rate` as it is decoded."""
 
-    def __init__(self, stream):
-        self.stream, self.tb = stream, stream.time_base
+    def __init__(self, stream, sample_rate: int):
+        self.stream, self.tb, self.sample_rate = stream, stream.time_base, sample_rate
         self.runs: list[_Run] = []
         # Set once the video origin is known: audio outside [decode_from, decode_until) is not kept.
         self.decode_from: Fraction | None = None
@@ -194,9 +225,12 @@ class AudioTrack:
             frames = packet.decode() if packet is not None else _flush(self.stream)
         except av.error.FFmpegError:
             self.errors += 1
-            return
+            frames = []
         for frame in frames:
             self._frame(frame)
+        if packet is None:  # the resamplers' last samples
+            for run in self.runs:
+                run.chunks += run.resample(None)
 
     def _extend(self, end: Fraction) -> None:
         self.end = end if self.end is None else max(self.end, end)
@@ -213,20 +247,36 @@ class AudioTrack:
         if self.decode_from is not None and t + duration < self.decode_from:
             return
         if run is None or run.rate != frame.sample_rate or abs(t - run.end) > _AUDIO_GAP:
-            run = _Run(t, frame.sample_rate, [])
+            if run is not None:
+                run.chunks += run.resample(None)
+            run = _Run(t, frame.sample_rate, _Resampler(frame.sample_rate, self.sample_rate), [])
             self.runs.append(run)
-        run.chunks.append(_frame_to_mono(frame))
+        run.chunks += run.resample(_frame_to_mono(frame))
         run.samples += frame.samples
+
+    def forget_before(self, t: Fraction) -> None:
+        """Drops the placed samples before `t` (a live source's audio already handed on)."""
+        for run in self.runs:
+            while run.chunks:
+                first_end = run.start + Fraction(run.dropped + len(run.chunks[0]), self.sample_rate)
+                if first_end > t:
+                    break
+                run.dropped += len(run.chunks.pop(0))
+        self.runs = [run for run in self.runs[:-1] if run.chunks] + self.runs[-1:]  # the open run stays
 
     def place(self, origin: Fraction, start: Fraction, num_samples: int, sample_rate: int):
         """Puts the runs on the clip's clock. Returns (float32 [num_samples], bool [num_samples]
         coverage): sample j is at time origin + start + j / sample_rate."""
         out = np.zeros(num_samples, np.float32)
         covered = np.zeros(num_samples, bool)
+        if sample_rate != self.sample_rate:
+            raise ValueError(f"AudioTrack.place: the track resamples to {self.sample_rate} Hz, not {sample_rate}")
         for run in self.runs:
-            y = _resample(np.concatenate(run.chunks), run.rate, sample_rate)
+            if not run.chunks:
+                continue
+            y = np.concatenate(run.chunks)
             # To the nearest output sample: placement is exact to half a sample (31 us at 16 kHz).
-            offset = round((run.start - origin - start) * sample_rate)
+            offset = round((run.start - origin - start) * sample_rate) + run.dropped
             lo, hi = max(0, offset), min(num_samples, offset + len(y))
             if lo < hi:
                 out[lo:hi] = y[lo - offset:hi - offset]

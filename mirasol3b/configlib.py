@@ -156,7 +156,16 @@ FIELDS: dict[str, Any] = {
             # needs window 0 and loss.latent_loss_weight 0 (each prediction would see the latents it
             # predicts).
             causal=Field(True, _bool)),
-        "text_decoder": _stack(64, 2, 2, 128, max_length=Field(64, _pos_int)),
+        "text_decoder": _stack(
+            64, 2, 2, 128, max_length=Field(64, _pos_int),
+            # What the cross-attention reads: "all" snippets' time-aligned features (the paper), or
+            # "recent": the last `recent_snippets` real snippets' only, so that a stream's answers
+            # cost the same at any length (docs/streaming.md). Trained as it is used.
+            context=Field("all", _one_of("all", "recent")),
+            recent_snippets=Field(4, _pos_int),
+            # Also the TTM Combiner's memory after the last snippet (projected to the features' width):
+            # what the clip held before the recent snippets reaches the answer through it.
+            read_memory=Field(False, _bool)),
     },
     # latent_loss: "contrastive" (InfoNCE over the batch) or "mse" (see mirasol3b/losses.py for why
     # contrastive is the default); normalize_latent_target applies to "mse" only.
@@ -336,6 +345,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.combiner_readout == "joint" or m.combiner == "transformer", "model.combiner_readout",
              "'joint' with model.combiner 'ttm' (the TTM Combiner reads its outputs through TokenLearner; "
              "'per_modality' is the Transformer Combiner's)", m.combiner_readout)
+    _require(not m.text_decoder.read_memory or m.combiner == "ttm", "model.text_decoder.read_memory",
+             "False unless model.combiner is 'ttm' (only the TTM Combiner has a memory)", m.text_decoder.read_memory)
     _require(m.time_aligned.causal or m.time_aligned.window == 0, "model.time_aligned.window",
              "0 with model.time_aligned.causal False (the window's chunks are causal)", m.time_aligned.window)
     _require(m.time_aligned.causal or config.loss.latent_loss_weight == 0, "loss.latent_loss_weight",

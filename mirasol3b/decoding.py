@@ -140,9 +140,9 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
 
 # ---- generation -------------------------------------------------------------------------------
 
-def _prefill(model, params, batch, config: DecodeConfig):
-    media = model.apply({"params": params}, batch.get("video"), batch.get("audio"), batch["media_mask"],
-                        method=Mirasol3B.encode_media)
+def _prefill(model, params, batch, config: DecodeConfig, encoded: bool):
+    media = batch if encoded else model.apply({"params": params}, batch.get("video"), batch.get("audio"),
+                                              batch["media_mask"], method=Mirasol3B.encode_media)
     prompts = batch["prompts"]
     cache_length = prompts.shape[1] + config.max_new_tokens
     if cache_length > model.config.text_decoder.max_length:
@@ -155,8 +155,8 @@ def _prefill(model, params, batch, config: DecodeConfig):
     return logits[:, -1], cache, window, media["media_token_mask"]
 
 
-def _sample_loop(model, params, batch, rng, config: DecodeConfig):
-    logits, cache, window, media_mask = _prefill(model, params, batch, config)
+def _sample_loop(model, params, batch, rng, config: DecodeConfig, encoded: bool):
+    logits, cache, window, media_mask = _prefill(model, params, batch, config, encoded)
     b, prompt_len = window.tokens.shape
     lengths = batch["prompt_lengths"].astype(jnp.int32)
 
@@ -183,8 +183,8 @@ def _sample_loop(model, params, batch, rng, config: DecodeConfig):
     return {"tokens": out, "scores": logprob}
 
 
-def _beam_loop(model, params, batch, config: DecodeConfig):
-    logits, cache, window, media_mask = _prefill(model, params, batch, config)
+def _beam_loop(model, params, batch, config: DecodeConfig, encoded: bool):
+    logits, cache, window, media_mask = _prefill(model, params, batch, config, encoded)
     b, prompt_len = window.tokens.shape
     k, steps, vocab = config.beam_size, config.max_new_tokens, logits.shape[-1]
     lengths = jnp.repeat(batch["prompt_lengths"].astype(jnp.int32), k)
@@ -238,17 +238,19 @@ def _beam_loop(model, params, batch, config: DecodeConfig):
     return {"tokens": all_seqs[jnp.arange(b), best], "scores": all_scores[jnp.arange(b), best]}
 
 
-def make_generate_fn(model: Mirasol3B, config: DecodeConfig) -> Callable:
+def make_generate_fn(model: Mirasol3B, config: DecodeConfig, *, encoded: bool = False) -> Callable:
     """A jitted `generate(params, batch, rng) -> {'tokens': [batch, max_new_tokens], 'scores': [batch]}`.
 
     `batch` holds `video`, `audio`, `media_mask` (as in training), `prompts [batch, prompt_len]`
-    int32 right-padded and `prompt_lengths [batch]`. Tokens after EOS are `pad_id`; `scores` are
+    int32 right-padded and `prompt_lengths [batch]`. With `encoded`, it holds the media already
+    encoded instead: `media [batch, media_tokens, width]` and `media_token_mask` (as
+    `Mirasol3B.encode_media` or a stream gives them). Tokens after EOS are `pad_id`; `scores` are
     summed log-probabilities (length-normalised for beam search).
     """
     if config.method == "beam":
-        fn = lambda params, batch, rng: _beam_loop(model, params, batch, config)  # noqa: E731
+        fn = lambda params, batch, rng: _beam_loop(model, params, batch, config, encoded)  # noqa: E731
     else:
-        fn = functools.partial(_sample_loop, model, config=config)
+        fn = functools.partial(_sample_loop, model, config=config, encoded=encoded)
     return jax.jit(fn)
 
 

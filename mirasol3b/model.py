@@ -14,7 +14,8 @@ from mirasol3b.combiner import ModalityFusion, TransformerCombiner, TTMCombiner
 from mirasol3b.encoders.audio import AudioEncoder
 from mirasol3b.encoders.spectrogram import LogMelSpec
 from mirasol3b.encoders.video import VideoEncoder
-from mirasol3b.layers import TransformerSpec
+from mirasol3b.layers import LayerNorm, TransformerSpec
+from mirasol3b.layers.projection import dense
 from mirasol3b.text_decoder import TextDecoder
 from mirasol3b.time_aligned import TimeAlignedModel
 
@@ -96,6 +97,10 @@ class Mirasol3B(nn.Module):
             raise ValueError(f"model.combiner must be one of {COMBINERS}, got {c.combiner!r}")
         self.time_aligned = TimeAlignedModel(stack_spec(c, "time_aligned"), window=c.time_aligned.window,
                                              causal=c.time_aligned.causal)
+        if c.text_decoder.read_memory:
+            self.memory_norm = LayerNorm(dtype=combiner_spec.compute_dtype, param_dtype=combiner_spec.weight_dtype)
+            self.memory_projection = dense(c.time_aligned.width, ("embed", "mlp"), combiner_spec.compute_dtype,
+                                           combiner_spec.weight_dtype, None)
         self.text_decoder = TextDecoder(stack_spec(c, "text_decoder"), vocab_size=c.vocab_size,
                                         max_length=c.text_decoder.max_length)
 
@@ -103,24 +108,57 @@ class Mirasol3B(nn.Module):
                      train: bool = False) -> dict[str, jax.Array]:
         """Encodes the media once: `video [batch, frames, H, W, 3]` uint8 (or float in [0, 1]; None
         when not `use_video`), `audio [batch, samples]` float waveform in [-1, 1] (None when not
-        `use_audio`), `media_mask [batch, snippets]` bool. Returns `latents`, `predictions`
-        ([batch, snippets, m, width]), `media` ([batch, snippets * m, width], what the text decoder
-        reads) and `media_token_mask`."""
+        `use_audio`), `media_mask [batch, snippets]` bool. Returns `latents`, `predictions`,
+        `features` ([batch, snippets, m, width]), and `media` ([batch, media_tokens, width], what the
+        text decoder reads: see `model.text_decoder.context`) with its `media_token_mask`."""
+        check_media(self.config, video, audio, media_mask)
+        latents, memory = self.combine(video, audio, media_mask, train=train)
+        features, predictions = self.time_aligned(latents, media_mask, deterministic=not train)
+        media, media_token_mask = self.decoder_context(features, media_mask, memory)
+        return {"latents": latents, "predictions": predictions, "features": features, "media": media,
+                "media_token_mask": media_token_mask}
+
+    def combine(self, video: jax.Array | None, audio: jax.Array | None, media_mask: jax.Array, *,
+                memory: jax.Array | None = None, train: bool = False) -> tuple[jax.Array, jax.Array | None]:
+        """Encoders and Combiner: (`latents [batch, snippets, m, width]`, the TTM memory after the
+        last snippet `[batch, memory_size, width]` or None). `memory`: the TTM memory before the
+        first snippet (default zeros), for a stream carried from its last call."""
         c = self.config
-        _check_media(c, video, audio, media_mask)
         tokens = {}
         if c.use_video:
             tokens["video"] = self.video_encoder(video, deterministic=not train)
         if c.use_audio:
             tokens["audio"] = self.audio_encoder(audio, deterministic=not train)
-        latents = self.combiner(self.fusion(tokens, deterministic=not train), media_mask, deterministic=not train)
-        features, predictions = self.time_aligned(latents, media_mask, deterministic=not train)
-        return {
-            "latents": latents,
-            "predictions": predictions,
-            "media": einops.rearrange(features, "b t m d -> b (t m) d"),
-            "media_token_mask": jnp.repeat(media_mask.astype(bool), latents.shape[2], axis=1),
-        }
+        fused = self.fusion(tokens, deterministic=not train)
+        if c.combiner == "ttm":
+            return self.combiner(fused, media_mask, memory=memory, return_memory=True, deterministic=not train)
+        return self.combiner(fused, media_mask, deterministic=not train), None
+
+    def decoder_context(self, features: jax.Array, media_mask: jax.Array,
+                        memory: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """What the text decoder reads of `features [batch, snippets, m, width]`: (`media
+        [batch, tokens, width]`, `media_token_mask [batch, tokens]`). With context "recent" only
+        the last `recent_snippets` real snippets are unmasked; with `read_memory` the projected TTM
+        memory follows them."""
+        c = self.config.text_decoder
+        valid = media_mask.astype(bool)
+        if c.context == "recent":
+            later_real = jnp.cumsum(valid[:, ::-1], axis=1)[:, ::-1]  # real snippets at or after each
+            valid = valid & (later_real <= c.recent_snippets)
+        media = einops.rearrange(features, "b t m d -> b (t m) d")
+        mask = jnp.repeat(valid, features.shape[2], axis=1)
+        if c.read_memory:
+            read = self.memory_projection(self.memory_norm(memory)).astype(media.dtype)
+            media = jnp.concatenate([media, read], axis=1)
+            mask = jnp.concatenate([mask, jnp.ones(read.shape[:2], bool)], axis=1)
+        return media, mask
+
+    def time_aligned_step(self, latents: jax.Array, first_snippet: jax.Array, cache_mask: jax.Array | None,
+                          cache_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The time-aligned model over the next snippets of a stream, `latents [batch, n, m, width]`,
+        its keys and values cached (the `cache` collection; see `TimeAlignedModel`)."""
+        return self.time_aligned(latents, None, decode=True, first_snippet=first_snippet, cache_mask=cache_mask,
+                                 cache_index=cache_index)
 
     def decode_text(self, tokens: jax.Array, media: jax.Array | None, media_token_mask: jax.Array, *,
                     positions=None, mask=None, cache_index=None, decode: bool = False,
@@ -135,7 +173,7 @@ class Mirasol3B(nn.Module):
         return {"logits": logits, "latents": media["latents"], "predictions": media["predictions"]}
 
 
-def _check_media(c, video, audio, media_mask) -> None:
+def check_media(c: ml_collections.ConfigDict, video, audio, media_mask) -> None:
     """Shape and dtype errors naming the input, before they surface as an unpacking or
     broadcasting error deep in an encoder (shapes are static, so this costs nothing under jit)."""
     if media_mask is None or len(media_mask.shape) != 2 or not (

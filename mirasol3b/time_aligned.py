@@ -34,12 +34,23 @@ class TimeAlignedModel(nn.Module):
     causal: bool = True
 
     @nn.compact
-    def __call__(self, latents: jax.Array, media_mask: jax.Array, *, deterministic: bool = True):
+    def __call__(self, latents: jax.Array, media_mask: jax.Array | None, *, deterministic: bool = True,
+                 decode: bool = False, first_snippet: jax.Array | int = 0, cache_mask: jax.Array | None = None,
+                 cache_index: jax.Array | None = None):
+        """With `decode=True` (streaming) `latents` are the snippets `first_snippet ..` of a stream
+        whose earlier keys and values are in the `cache` collection: they are written at token slot
+        `cache_index`, and `cache_mask [batch, 1, tokens, cache_tokens]` says which slots each
+        token reads (`streaming.py` keeps the slots and the window); `media_mask` is not read."""
         b, t, m, latent_width = latents.shape
         s = self.spec
         x = dense(s.width, ("mlp", "embed"), s.compute_dtype, s.weight_dtype, "input_projection")(latents)
         x = LearnedPositions(m, param_dtype=s.weight_dtype, name="token_positions")(x)
-        x = x + sinusoidal(jnp.arange(t), s.width)[None, :, None, :].astype(x.dtype)
+        x = x + sinusoidal(first_snippet + jnp.arange(t), s.width)[None, :, None, :].astype(x.dtype)
+        if decode:
+            x = einops.rearrange(x, "b t m d -> b (t m) d")
+            x = TransformerStack(s, name="transformer")(x, cache_mask, cache_index=cache_index,
+                                                        deterministic=deterministic, decode=True)
+            return self._outputs(x, m, t, latent_width)
         valid = media_mask.astype(bool)
         chunk = 0
         padded = windowed_snippets(t, self.window)
@@ -58,6 +69,10 @@ class TimeAlignedModel(nn.Module):
         else:
             mask = masks.key_padding(token_valid)
         x = TransformerStack(s, self_attention_chunk=chunk, name="transformer")(x, mask, deterministic=deterministic)
+        return self._outputs(x, m, t, latent_width)
+
+    def _outputs(self, x: jax.Array, m: int, t: int, latent_width: int):
+        s = self.spec
         features = einops.rearrange(x, "b (t m) d -> b t m d", m=m)[:, :t]
         head = dense(latent_width, ("embed", "mlp"), s.compute_dtype, s.weight_dtype, "prediction_head")
         predictions = head(features)

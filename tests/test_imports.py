@@ -20,10 +20,10 @@ LAYERS = (
     ("layers", ("mirasol3b.layers",)),
     ("model parts", ("mirasol3b.encoders", "mirasol3b.combiner", "mirasol3b.time_aligned", "mirasol3b.text_decoder",
                      "mirasol3b.losses", "mirasol3b.sharding")),
-    ("model", ("mirasol3b.model", "mirasol3b.decoding")),
+    ("model", ("mirasol3b.model", "mirasol3b.decoding", "mirasol3b.streaming")),
     ("train", ("mirasol3b.configlib", "mirasol3b.paths", "mirasol3b.distributed", "mirasol3b.train")),
     ("entry points", ("mirasol3b.cli", "mirasol3b.evaluate", "mirasol3b.answer", "mirasol3b.main", "mirasol3b.demo",
-                      "mirasol3b.summary", "mirasol3b.aot", "mirasol3b.allocator")),
+                      "mirasol3b.summary", "mirasol3b.aot", "mirasol3b.allocator", "mirasol3b.stream")),
 )
 # What this code names its ConfigDicts besides `*config*` (`c = config.model`, `part = c[stack]`).
 CONFIG_NAMES = ("c", "m", "part", "cfg")

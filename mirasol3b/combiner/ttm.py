@@ -50,7 +50,11 @@ class _TTMStep(nn.Module):
 
 class TTMCombiner(nn.Module):
     """`tokens [batch, snippets, tokens, width]`, `media_mask [batch, snippets]`
-    -> `[batch, snippets, num_outputs, width]`.
+    -> `[batch, snippets, num_outputs, width]`; with `return_memory`, also the memory after the
+    last snippet, `[batch, memory_size, width]`.
+
+    `memory` (default zeros) is the memory before the first snippet: a stream carries it from one
+    call to the next, and calls over snippets 0..t-1 then t give what one call over 0..t gives.
 
     Scans over snippets; with `spec.scan_layers=False` the snippets are unrolled instead: the same
     weights for every snippet either way, but the inner stack's params then sit under
@@ -64,14 +68,15 @@ class TTMCombiner(nn.Module):
     token_learner_hidden: int
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, media_mask: jax.Array | None = None, *,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens: jax.Array, media_mask: jax.Array | None = None, *, memory: jax.Array | None = None,
+                 return_memory: bool = False, deterministic: bool = True):
         b, t = tokens.shape[:2]
         if media_mask is None:
             media_mask = jnp.ones((b, t), bool)
         step_fields = dict(spec=self.spec, num_outputs=self.num_outputs, memory_size=self.memory_size,
                            token_learner_hidden=self.token_learner_hidden, deterministic=deterministic)
-        memory = jnp.zeros((b, self.memory_size, tokens.shape[-1]), tokens.dtype)
+        if memory is None:
+            memory = self.initial_memory(b, tokens.shape[-1], tokens.dtype)
         valid = media_mask.astype(bool)
         if self.spec.scan_layers:
             step = nn.scan(
@@ -81,7 +86,7 @@ class TTMCombiner(nn.Module):
                 in_axes=1,
                 out_axes=1,
             )(**step_fields, name="step")
-            _, outputs = step(memory, (tokens, valid))
+            memory, outputs = step(memory, (tokens, valid))
         else:
             # Unrolled (XLA's cost analysis counts a while-loop body once). One step module called
             # per snippet shares its params exactly as the broadcast scan does: same tree.
@@ -91,4 +96,9 @@ class TTMCombiner(nn.Module):
                 memory, out = step(memory, (tokens[:, i], valid[:, i]))
                 outputs.append(out)
             outputs = jnp.stack(outputs, axis=1)
-        return nn.with_logical_constraint(outputs, ("batch", "snippets", "tokens", "embed"))
+        outputs = nn.with_logical_constraint(outputs, ("batch", "snippets", "tokens", "embed"))
+        return (outputs, memory) if return_memory else outputs
+
+    def initial_memory(self, batch: int, width: int, dtype=jnp.float32) -> jax.Array:
+        """The memory before the first snippet: zeros `[batch, memory_size, width]`."""
+        return jnp.zeros((batch, self.memory_size, width), dtype)

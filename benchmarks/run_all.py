@@ -4,7 +4,7 @@ table of every figure with its target.
     .venv/bin/python benchmarks/run_all.py [--quick] [--no-write] [--allocator auto|jemalloc|system]
 
 1. peer_train_step.py (creates the peer's venv on first use), 2. video_length.py, 3. decode.py,
-then step_profile.py: where our step's time goes (part 1 of the benchmarks issue asks for it while
+4. streaming.py, then step_profile.py: where our step's time goes (part 1 of the benchmarks issue asks for it while
 its targets are not met), then the data benchmarks data_build.py and input_pipeline.py.
 Each prints its own tables and appends its row to benchmarks/RESULTS.md. accelerator.py is not
 run here: it needs a GPU or TPU.
@@ -33,8 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo's mirasol3b, also when not installed
 from mirasol3b.allocator import CHOICES, allocator_env  # noqa: E402  (no jax import)
 
-BENCHMARKS = ("peer_train_step.py", "video_length.py", "decode.py", "step_profile.py", "data_build.py",
-              "input_pipeline.py")
+BENCHMARKS = ("peer_train_step.py", "video_length.py", "decode.py", "streaming.py", "step_profile.py",
+              "data_build.py", "input_pipeline.py")
 SYSTEM_MALLOC = ("data_build.py", "input_pipeline.py")
 
 

@@ -48,7 +48,7 @@ def pytest_unconfigure(config):
 # --no-loadscope-reorder` keeps this order). In xdist's own order (files with the most tests
 # first) one worker's test time was 587 s, the other's 384 s. Order changes time, never results.
 SLOW_FIRST = ("test_train_loop.py", "test_model.py", "test_demo.py", "test_multihost.py", "test_checkpoints.py",
-              "test_decoding.py", "test_summary.py")
+              "test_decoding.py", "test_streaming.py", "test_summary.py")
 
 
 def pytest_collection_modifyitems(config, items):

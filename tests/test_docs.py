@@ -16,7 +16,7 @@ from mirasol3b import cli, configlib
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
-ENTRY_POINTS = ("main", "evaluate", "answer", "demo", "summary", "aot")
+ENTRY_POINTS = ("main", "evaluate", "answer", "demo", "summary", "aot", "stream")
 # Commands of other tools, shown for the reader to run: not ours to check.
 OTHERS = ("pip", "gcloud", "gsutil", "export", "cd", "git", "ssh-add", "tensorboard", "ls", "cat", "tail", "kill",
           "docker", "curl", "mkdir", "cp", "rm", "echo", "sudo", "apt-get", "ffmpeg", "source", "nvidia-smi")

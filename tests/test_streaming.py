@@ -115,25 +115,23 @@ def test_stream_beam_and_sampling_equal_offline():
         np.testing.assert_allclose(got["scores"], expected["scores"], atol=1e-5)
 
 
-def test_bounded_state_stays_bounded_and_window_zero_grows():
-    bounded_cfg = make_config("ttm", 2, "recent", True)
-    video, audio = clip(bounded_cfg, batch=1, snippets=1)
-    model, params = init(bounded_cfg, video, audio, np.ones((1, 1), bool))
-    bounded = Stream(model, params, capacity=2)
+def _state_sizes(cfg, pushes=9):
+    """(the stream after `pushes` snippets, its state's bytes after each)."""
+    video, audio = clip(cfg, batch=1, snippets=1)
+    model, params = init(cfg, video, audio, np.ones((1, 1), bool))
+    stream = Stream(model, params, capacity=2)
     sizes = []
-    for _ in range(9):
-        bounded.push(video, audio)
-        sizes.append(bounded.state.nbytes)
+    for _ in range(pushes):
+        stream.push(video, audio)
+        sizes.append(stream.state.nbytes)
+    return stream, sizes
+
+
+def test_bounded_state_stays_bounded_and_window_zero_grows():
+    bounded, sizes = _state_sizes(make_config("ttm", 2, "recent", True))
     assert len(set(sizes)) == 1 and bounded.capacity == 2  # nothing doubled
     assert bounded.state.cache_valid.shape == (1, 2) and bounded.state.features.shape[1] == 2
-
-    growing_cfg = make_config("ttm", 0, "all", False)
-    model, params = init(growing_cfg, video, audio, np.ones((1, 1), bool))
-    growing = Stream(model, params, capacity=2)
-    sizes = []
-    for _ in range(9):
-        growing.push(video, audio)
-        sizes.append(growing.state.nbytes)
+    growing, sizes = _state_sizes(make_config("ttm", 0, "all", False))
     assert growing.capacity == 16 and sizes[-1] > 4 * sizes[0]  # 2 -> 4 -> 8 -> 16 snippets
 
 

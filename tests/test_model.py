@@ -131,6 +131,9 @@ def test_shapes_at_every_module_boundary(variant):
     (audio,) = inter["audio_encoder"]["__call__"]
     (fused,) = inter["fusion"]["__call__"]
     (combined,) = inter["combiner"]["__call__"]
+    if cfg.model.combiner == "ttm":  # it also returns its memory after the last snippet (for streams)
+        combined, memory = combined
+        chex.assert_shape(memory, (B, cfg.model.ttm.memory_size, d))
     ((features, predictions),) = inter["time_aligned"]["__call__"]
     (logits,) = inter["text_decoder"]["__call__"]
     chex.assert_shape(video, (B, T, NV, cfg.model.video_encoder.width))

@@ -36,8 +36,8 @@ import numpy as np
 from absl import flags
 from flax import linen as nn
 
-from mirasol3b import cli, configlib, decoding, distributed, sharding
-from mirasol3b.model import Mirasol3B
+from mirasol3b import cli, configlib, decoding, distributed, errors, sharding, streaming
+from mirasol3b.model import Mirasol3B, samples_per_snippet
 from mirasol3b.train import restore
 from mirasol3b.train.batches import global_batch, model_batch
 from mirasol3b.train.logs import write_metrics
@@ -121,14 +121,32 @@ def generate_tokens(config: ml_collections.ConfigDict, params, batch: dict, mesh
         return local_rows(generate(params, inputs, rng)["tokens"], inputs["prompts"])
 
 
+def stream_tokens(config: ml_collections.ConfigDict, stream: streaming.Stream, batch: dict, *,
+                  decode: decoding.DecodeConfig, rng: jax.Array) -> np.ndarray:
+    """Generated token ids `[b, max_new_tokens]` with each row's clip pushed into `stream` a snippet
+    at a time (its padded snippets as padding) and the question asked at the clip's end."""
+    frames, samples = config.model.video.snippet_frames, samples_per_snippet(config.model)
+    stream.reset()
+    for t in range(batch["media_mask"].shape[1]):
+        stream.push(batch["video"][:, t * frames:(t + 1) * frames] if config.model.use_video else None,
+                    batch["audio"][:, t * samples:(t + 1) * samples] if config.model.use_audio else None,
+                    batch["media_mask"][:, t])
+    return np.asarray(stream.ask(batch["prompts"], batch["prompt_lengths"], decode, rng)["tokens"])
+
+
 def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh | None = None, *,
             split: str | None = None, max_batches: int | None = None,
-            decode: decoding.DecodeConfig | None = None) -> list[dict]:
+            decode: decoding.DecodeConfig | None = None, streaming_path: bool = False) -> list[dict]:
     """One record per real example of `split` (all processes'): question, reference, prediction,
-    question_type, kind. Defaults come from `config.eval`."""
+    question_type, kind. Defaults come from `config.eval`. `streaming_path`: answers come from a
+    `streaming.Stream` each clip is pushed into, a snippet at a time (one process only)."""
     from mirasol3b_data import pipeline, vocab
 
     configlib.validate_eval(config)
+    if streaming_path and jax.process_count() > 1:
+        raise errors.ConfigError("evaluating through the streaming path runs in one process "
+                                 f"(this run has {jax.process_count()})")
+    stream = None
     split = split or config.eval.split
     max_batches = config.eval.max_batches if max_batches is None else max_batches
     vocabulary = vocab.get_vocabulary(config)
@@ -139,7 +157,14 @@ def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh |
             break
         if i == 0:
             check_batch_shapes(batch, config)
-        tokens = generate_tokens(config, params, batch, mesh, decode=decode, rng=jax.random.fold_in(rng, i))
+        if streaming_path:
+            if stream is None:
+                stream = streaming.Stream(Mirasol3B(config.model), params, batch=batch["prompts"].shape[0],
+                                          capacity=batch["media_mask"].shape[1])
+            tokens = stream_tokens(config, stream, batch, decode=decode or decode_config(config),
+                                   rng=jax.random.fold_in(rng, i))
+        else:
+            tokens = generate_tokens(config, params, batch, mesh, decode=decode, rng=jax.random.fold_in(rng, i))
         for r in np.flatnonzero(batch["example_valid"]):
             records.append({
                 "question": vocabulary.decode(batch["prompts"][r, 1:batch["prompt_lengths"][r]].tolist()),
@@ -179,17 +204,20 @@ def score(records: list[dict]) -> dict:
 
 def evaluate(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh | None = None, *,
              split: str | None = None, max_batches: int | None = None,
-             decode: decoding.DecodeConfig | None = None) -> dict:
+             decode: decoding.DecodeConfig | None = None, streaming_path: bool = False) -> dict:
     """Generates an answer for every example of `split` and scores them (see the module docstring).
 
     `params` may be sharded over `mesh` (then generation runs under it) or live on one device
     (`mesh=None`). `split`, `max_batches` (0: all) and `decode` default to `config.eval`.
+    `streaming_path`: see `predict`; the metrics then say `"path": "streaming"`.
     """
     split = split or config.eval.split
     max_batches = config.eval.max_batches if max_batches is None else max_batches
     decode = decode or decode_config(config)
-    metrics = score(predict(config, params, mesh, split=split, max_batches=max_batches, decode=decode))
+    metrics = score(predict(config, params, mesh, split=split, max_batches=max_batches, decode=decode,
+                            streaming_path=streaming_path))
     return {"split": split, **({"max_batches": max_batches} if max_batches else {}),
+            **({"path": "streaming"} if streaming_path else {}),
             "decode": decode_settings(decode, config.seed), "numerics": numerics(config), **metrics}
 
 
@@ -225,6 +253,9 @@ def define_config_check_flag(fv: flags.FlagValues):
 def define_flags(fv: flags.FlagValues) -> dict:
     return {"split": flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).",
                                          flag_values=fv),
+            "streaming": flags.DEFINE_bool("streaming", False, "Answer through the streaming path: each clip "
+                                           "pushed a snippet at a time, its question asked at its end (one "
+                                           "process).", flag_values=fv),
             "config_check": define_config_check_flag(fv)}
 
 
@@ -247,7 +278,8 @@ def main(args: cli.Args) -> None:
     saved = stored[0]  # its dtypes name an evaluation in others apart
     trained = numerics(restore.from_saved(saved)) if saved is not None else None
     print(f"evaluating step {step} of {workdir}", file=sys.stderr, flush=True)  # stdout: the JSON line only
-    metrics = {"step": step, **evaluate(config, params, mesh)}  # config.eval.split: --split's when given
+    # config.eval.split: --split's when given
+    metrics = {"step": step, **evaluate(config, params, mesh, streaming_path=args.streaming)}
     if jax.process_index() == 0:
         line = json.dumps(metrics)
         print(line, flush=True)

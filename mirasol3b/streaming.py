@@ -101,6 +101,11 @@ class Stream:
             features=jnp.zeros((b, context_snippets, m, c.time_aligned.width), self._dtype),
             features_valid=jnp.zeros((b, context_snippets), bool))
 
+    def reset(self) -> None:
+        """Starts a new stream (the compiled functions are kept): the state after no snippet."""
+        self.pushed = 0
+        self.state = self._init(self.capacity)
+
     def _grow(self) -> None:
         """Doubles the growing parts, the snippets so far kept at the same slots."""
         self.capacity *= 2

@@ -281,3 +281,28 @@ def test_a_model_without_audio_answers_about_a_file_without_an_audio_track(tmp_p
         cfg.model.use_audio = False
     batch = answer_lib.prepare(cfg, clip, "what plays?")
     assert batch["video"].shape[:2] == (1, cfg.data.num_frames) and batch["media_mask"].any()
+
+
+def test_the_streaming_path_answers_as_the_whole_clip_does(tmp_path):
+    """`evaluate --streaming`: each clip pushed a snippet at a time, its question asked at the end,
+    gives the answers of generation over the whole clip (a bounded TTM model: window, recent
+    context, memory), and its metrics file is named apart."""
+    cfg = make_config()
+    with cfg.unlocked():
+        cfg.model.update(combiner="ttm", combiner_readout="joint")
+        cfg.model.time_aligned.window = 2
+        cfg.model.text_decoder.update(context="recent", recent_snippets=2, read_memory=True)
+    cfg = configlib.validate(cfg)
+    model = Mirasol3B(cfg.model)
+    boxed, _ = abstract_state(model, make_optimizer(cfg.train), example_batch(cfg, 1))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, a.dtype), nn.unbox(boxed.params))
+    offline = evaluate.predict(cfg, params, max_batches=1)
+    streamed = evaluate.predict(cfg, params, max_batches=1, streaming_path=True)
+    assert len(offline) == len(streamed) == cfg.data.batch_size
+    assert [r["prediction"] for r in streamed] == [r["prediction"] for r in offline]
+    assert len({r["prediction"] for r in offline}) > 1  # the answers depend on the clip: a real comparison
+    metrics = evaluate.evaluate(cfg, params, max_batches=1, streaming_path=True)
+    assert metrics["path"] == "streaming"
+    written = logs.write_metrics(str(tmp_path), {"step": 3, **metrics})
+    assert written.name == "eval_validation_step3_streaming_first1batches.json"

@@ -86,11 +86,13 @@ class MetricsLog:
 
 def write_metrics(workdir: epath.PathLike, metrics: dict, trained_numerics: dict | None = None) -> epath.Path:
     """`metrics` (with its `step` and `split`) as one JSON line in `workdir/eval_<split>_step<N>.json`;
-    answers generated otherwise than greedily add `_beam<K>` or `_sample` to the name, dtypes other
+    answers generated otherwise than greedily add `_beam<K>` or `_sample` to the name (through a
+    stream `_streaming`), dtypes other
     than `trained_numerics` (the training run's `numerics`) `_<field>-<dtype>`, and a partial
     evaluation (`max_batches` K) `_first<K>batches`, so none replaces training's own."""
     decode = metrics.get("decode") or {}
     how = {"beam": f"_beam{decode.get('beam_size')}", "sample": "_sample"}.get(decode.get("method"), "")
+    how += "_streaming" if metrics.get("path") == "streaming" else ""
     here, trained = metrics.get("numerics") or {}, trained_numerics or {}
     how += "".join(f"_{k}-{v}" for k, v in here.items() if k in trained and trained[k] != v)
     partial = f"_first{metrics['max_batches']}batches" if metrics.get("max_batches") else ""

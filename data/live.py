@@ -27,7 +27,7 @@ import av
 import numpy as np
 
 from mirasol3b import errors
-from mirasol3b_data.media import MediaError, _video_stream
+from mirasol3b_data.media import MediaError, audio_stream_of, video_stream_of
 from mirasol3b_data.spec import MediaSpec
 from mirasol3b_data.tracks import AudioTrack, VideoTrack
 
@@ -105,10 +105,10 @@ class _Reader:
         self.queue.put(stopped)
 
     def _read(self) -> LiveStopped:
-        video_stream = _video_stream(self.source, self.container)
+        video_stream = video_stream_of(self.source, self.container)
         if video_stream is None:
             return LiveStopped(self.source, "unreadable", 0.0, "no video stream")
-        audio_stream = next((s for s in self.container.streams.audio if s.codec_context is not None), None)
+        audio_stream = audio_stream_of(self.container)
         video = VideoTrack(video_stream, self.spec, Fraction(0))
         audio = AudioTrack(audio_stream, self.spec.sample_rate) if audio_stream is not None else None
         streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])

@@ -155,7 +155,7 @@ def _open(path: str, deadline: _Deadline):
         raise MediaError(path, "undecodable", f"cannot open: {e}") from e
 
 
-def _video_stream(path: str, container):
+def video_stream_of(path: str, container):
     """The first video stream that is not cover art. A stream without a decoder (its header is
     too damaged to name a codec, or this FFmpeg lacks it) is skipped; if that leaves none, the
     file is undecodable."""
@@ -202,6 +202,12 @@ def decode_clip(path: str | os.PathLike, spec: MediaSpec, start_seconds: float =
         raise MediaError(path, "undecodable", f"unexpected {type(e).__name__} in the decoder: {e}") from e
 
 
+def audio_stream_of(container):
+    """The first audio stream with a decoder, or None: a track whose header is too damaged to name
+    a codec, or whose codec this FFmpeg lacks, is not read."""
+    return next((s for s in container.streams.audio if s.codec_context is not None), None)
+
+
 def _decode_remote(uri: str, spec: MediaSpec, start_seconds: float, **kwargs) -> Clip:
     """`decode_clip` of a file in a bucket: PyAV reads local files, so it is copied to a temporary one."""
     from etils import epath
@@ -225,11 +231,10 @@ def _decode_remote(uri: str, spec: MediaSpec, start_seconds: float, **kwargs) ->
 
 
 def _decode(path: str, container, spec: MediaSpec, start: Fraction, deadline: _Deadline, threads: int) -> Clip:
-    video_stream = _video_stream(path, container)
+    video_stream = video_stream_of(path, container)
     if video_stream is None:
         raise MediaError(path, "no_video_stream", f"streams: {[s.type for s in container.streams] or 'none'}")
-    # An audio track without a decoder (a damaged header, an unsupported codec) is not read.
-    audio_stream = next((s for s in container.streams.audio if s.codec_context is not None), None)
+    audio_stream = audio_stream_of(container)
     video = VideoTrack(video_stream, spec, start)
     audio = AudioTrack(audio_stream, spec.sample_rate) if audio_stream is not None else None
     for stream in (video_stream, audio_stream):

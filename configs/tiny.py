@@ -1,12 +1,15 @@
-"""Tiny Mirasol3B: trains on a 2-core CPU in minutes. Variants: `configs/tiny.py:ttm`."""
+"""Tiny Mirasol3B: trains on a 2-core CPU in minutes. Variants: `configs/tiny.py:ttm`, and
+`configs/tiny.py:long`: the TTM Combiner with the bounded streaming state (a time-aligned window of 4,
+the decoder reading the last 4 snippets and the memory) on 32-snippet clips (docs/streaming.md)."""
 
 from mirasol3b import configlib
 
 
 def get_config(arg: str | None = None):
-    args = configlib.parse_arg(arg, ttm=False)
+    args = configlib.parse_arg(arg, ttm=False, long=False)
     config = configlib.base_config()
-    if args.ttm:
+    ttm = args.ttm or args.long
+    if ttm:
         config.model.combiner = "ttm"
     # The demo's data: synthetic_avqa questions are <= 70 bytes, answers <= 6 (+ BOS and EOS).
     config.data.update(task="synthetic_avqa_tiny", text_length=80, batch_size=32)
@@ -19,7 +22,7 @@ def get_config(arg: str | None = None):
     # With the joint readout, whichever modality the answers first profit from (video here) takes
     # the Combiner's outputs: with "first colour" and "last pitch" questions mixed, "last pitch"
     # stayed at chance for 400 steps (learnt in 200 when asked alone); per modality: 0.9 at 300.
-    config.model.combiner_readout = "joint" if args.ttm else "per_modality"  # (the TTM reads by TokenLearner)
+    config.model.combiner_readout = "joint" if ttm else "per_modality"  # (the TTM reads by TokenLearner)
     # At weight 1 the latent loss (either kind) trains the tiny encoders faster than the answers do
     # and no question got past chance in 600 steps; at 0.1 "first colour" is learnt in 100.
     config.loss.latent_loss_weight = 0.1
@@ -44,4 +47,9 @@ def get_config(arg: str | None = None):
     config.train.update(num_steps=3000, learning_rate=1e-3, warmup_steps=100, log_every=50)
     config.checkpoint.update(every_steps=250, keep=2)
     config.eval.update(every_steps=1000)
+    if args.long:
+        config.data.update(task="synthetic_avqa_long", num_frames=64)
+        config.model.time_aligned.window = 4
+        config.model.text_decoder.update(context="recent", recent_snippets=4, read_memory=True)
+        config.model.scan_layers = True  # 32 TTM steps unrolled would compile for minutes
     return configlib.validate(config).lock()

@@ -2,7 +2,9 @@
 
 A clip is `num_snippets` snippets long. It holds exactly two shapes of different colours and two
 tones of different pitches; every event spans whole snippets, and the two events of one modality
-never overlap, so "the first shape" or "the shape while the high tone played" name one event.
+never overlap, so "the first shape" or "the shape while the high tone played" name one event. In
+long clips (`LONG_SNIPPETS`) each modality's first event lies in the first half, its second in the
+second half.
 
 Questions come from `TEMPLATES`. Each template's `question_type` starts with the modalities its
 answer needs ("video/", "audio/" or "both/"), and every answer lies in the fixed `ANSWERS`.
@@ -41,6 +43,11 @@ _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 _MAX_TRIES = 10_000
 # An "*_after_*" question needs a first event after snippet 0 and a second one after that.
 MIN_SNIPPETS = 3
+# Clips of at least this many snippets spread their events over the whole clip: each modality's
+# first event lies in the first half and its second in the second half, each at most a quarter of
+# the clip long. Questions about the first events then ask about the clip's early part, far behind
+# the last snippets a bounded streaming model reads (docs/streaming.md).
+LONG_SNIPPETS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +178,15 @@ def ask(template: Template, layout: Layout, params: dict[str, str]) -> str | Non
 
 @functools.cache
 def _span_pairs(num_snippets: int) -> tuple[tuple[int, int, int, int], ...]:
-    """All (a1, b1, a2, b2) with 0 <= a1 < b1 <= a2 < b2 <= T: two disjoint spans in time order."""
+    """All (a1, b1, a2, b2) with 0 <= a1 < b1 <= a2 < b2 <= T: two disjoint spans in time order.
+    Long clips (`LONG_SNIPPETS`) spread them: the first in the first half, the second in the
+    second, each at most a quarter of the clip long."""
+    if num_snippets >= LONG_SNIPPETS:
+        half, longest = num_snippets // 2, num_snippets // 4
+
+        def spans(lo: int, hi: int) -> list[tuple[int, int]]:
+            return [(a, b) for a in range(lo, hi) for b in range(a + 1, min(hi, a + longest) + 1)]
+        return tuple(first + second for first in spans(0, half) for second in spans(half, num_snippets))
     r = range(num_snippets + 1)
     return tuple((a1, b1, a2, b2) for a1, b1, a2, b2 in itertools.product(r, r, r, r)
                  if a1 < b1 <= a2 < b2)

@@ -10,7 +10,7 @@ whole dataset (the synthetic training split: 4 a clip).
 
 Built-in tasks (registered on import, and again by `register_tasks` when the data dir, vocabulary or
 shuffle buffer change):
-  synthetic_avqa_{tiny,tiny_smoke}          the generated audio-visual QA clips
+  synthetic_avqa_{tiny,tiny_smoke,long}     the generated audio-visual QA clips (long: 32 snippets)
   local_media_{config}                      every example of a `local_media` build (any of its configs)
   local_media_{config}_{qa,caption,classification}   one kind only (manifest configs: tiny, base, *_silence)
 
@@ -42,7 +42,7 @@ DEFAULT_SHUFFLE_BUFFER = 256
 
 # (TFDS name with version, task name) of every built-in source. The versions are the builders'.
 SYNTHETIC_AVQA_VERSION = "2.0.0"
-SYNTHETIC_AVQA_CONFIGS = ("tiny", "tiny_smoke")
+SYNTHETIC_AVQA_CONFIGS = ("tiny", "tiny_smoke", "long")
 LOCAL_MEDIA_VERSION = "2.0.0"
 # Versions before these stored one example per text; their layout is not read (see `check_prepared`).
 CLIP_LAYOUT_SINCE = {"synthetic_avqa": "2.0.0", "local_media": "2.0.0"}

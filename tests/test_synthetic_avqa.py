@@ -28,6 +28,22 @@ def test_builder_geometry_is_the_tiny_config():
     expected = MediaSpec.from_config(tiny.get_config())
     for name in ("tiny", "tiny_smoke"):
         assert Builder.builder_configs[name].spec == expected, name
+    long = MediaSpec.from_config(tiny.get_config("long"))
+    assert Builder.builder_configs["long"].spec == long and long.max_snippets == 32
+
+
+def test_long_clips_spread_their_events_and_ask_about_early_ones():
+    n = 32
+    qas = qa_set(n=150, num_snippets=n)
+    for qa in qas:
+        for first, second in (qa.layout.shapes, qa.layout.tones):
+            assert first.end <= n // 2 <= second.start, qa.layout
+            assert max(first.end - first.start, second.end - second.start) <= n // 4, qa.layout
+    assert {qa.question_type for qa in qas} == set(synthetic.TEMPLATES_BY_TYPE)
+    # The events asked about start anywhere in their half: the first shape ends 16 or more snippets
+    # before the clip does, beyond the last 4 snippets configs/tiny.py:long's decoder reads.
+    starts = [qa.layout.shapes[0].start for qa in qas if qa.question_type == "video/first_colour"]
+    assert min(starts) < 4 and max(starts) >= 8
 
 
 def test_same_seed_same_example_other_seed_other_example():
@@ -81,7 +97,7 @@ def test_single_modality_fraction_is_as_reported():
     assert abs(measured - synthetic.single_modality_fraction()) < 0.06
 
 
-@pytest.mark.parametrize("num_snippets,n", [(T, 300), (2 * T, 60)])
+@pytest.mark.parametrize("num_snippets,n", [(T, 300), (2 * T, 60), (32, 8)])
 def test_only_single_modality_questions_are_answerable_from_one_modality(num_snippets, n):
     """`answer_support(keep=m)` tries every layout of the other modality with m's events fixed:
     one answer means m alone answers the question."""

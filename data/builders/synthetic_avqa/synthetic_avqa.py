@@ -33,12 +33,15 @@ from mirasol3b_data.spec import MediaSpec, example_features
 
 # Media geometry, equal to what configs/tiny.py asks for (a test keeps them equal); literal here
 # because `tfds build` may run where `configs` is not importable.
-GEOMETRIES = {"tiny": dict(fps=8.0, num_frames=8, snippet_frames=2, image_size=32, sample_rate=16_000)}
+GEOMETRIES = {"tiny": dict(fps=8.0, num_frames=8, snippet_frames=2, image_size=32, sample_rate=16_000),
+              # 32 snippets (8 s), events spread over the clip (`synthetic.LONG_SNIPPETS`): for streaming models
+              "long": dict(fps=8.0, num_frames=64, snippet_frames=2, image_size=32, sample_rate=16_000)}
+GEOMETRY_OF = {"tiny": "tiny", "tiny_smoke": "tiny", "long": "long"}
 # (train, validation, test) examples per config.
-SPLIT_SIZES = {"tiny": (2000, 300, 300), "tiny_smoke": (40, 10, 10)}
+SPLIT_SIZES = {"tiny": (2000, 300, 300), "tiny_smoke": (40, 10, 10), "long": (2000, 300, 300)}
 # Questions per training clip. With one, the tiny model learnt 2000 clips by heart (train token
 # accuracy 1.0) with validation at 69%; with four the answer must depend on the question as well.
-TRAIN_QUESTIONS_PER_CLIP = {"tiny": 4, "tiny_smoke": 1}
+TRAIN_QUESTIONS_PER_CLIP = {"tiny": 4, "tiny_smoke": 1, "long": 4}
 
 
 @dataclasses.dataclass(eq=False)
@@ -95,8 +98,10 @@ class SyntheticAvqaConfig(tfds.core.BuilderConfig):
 
 def _configs() -> list[SyntheticAvqaConfig]:
     return [SyntheticAvqaConfig(name=name, train_size=train, validation_size=val, test_size=test,
-                                train_questions_per_clip=TRAIN_QUESTIONS_PER_CLIP[name], **GEOMETRIES["tiny"],
-                                description=f"tiny geometry; {train}/{val}/{test} train/validation/test clips, "
+                                train_questions_per_clip=TRAIN_QUESTIONS_PER_CLIP[name],
+                                **GEOMETRIES[GEOMETRY_OF[name]],
+                                description=f"{GEOMETRY_OF[name]} geometry; {train}/{val}/{test} train/validation/test "
+                                            "clips, "
                                             f"{TRAIN_QUESTIONS_PER_CLIP[name]} question(s) per training clip")
             for name, (train, val, test) in SPLIT_SIZES.items()]
 

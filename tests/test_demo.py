@@ -70,6 +70,7 @@ def test_demo_refuses_a_task_it_cannot_build(tmp_path):
     with config.unlocked():
         config.data.update(task="qa_tiny", tfds_data_dir=str(tmp_path / "tfds"))
     with pytest.raises(app.UsageError, match=re.escape(
-            "config.data.task must be one of ['synthetic_avqa_tiny', 'synthetic_avqa_tiny_smoke']")):
+            "config.data.task must be one of ['synthetic_avqa_long', 'synthetic_avqa_tiny', "
+            "'synthetic_avqa_tiny_smoke']")):
         demo.build_dataset(config)
     assert not (tmp_path / "tfds").exists()

@@ -27,13 +27,12 @@ import av
 import numpy as np
 
 from mirasol3b import errors
-from mirasol3b_data.media import MediaError, audio_stream_of, video_stream_of
+# _AUDIO_MARGIN: audio is placed this far past a snippet's end before the snippet is handed on (the
+# resampler's edge then falls outside it), and earlier audio is kept this far back, as decode_clip does.
+from mirasol3b_data.media import _AUDIO_MARGIN, MediaError, audio_stream_of, video_stream_of
 from mirasol3b_data.spec import MediaSpec
 from mirasol3b_data.tracks import AudioTrack, VideoTrack
 
-# Audio is placed this far past a snippet's end before the snippet is handed on (the resampler's
-# edge then falls outside it), and earlier audio is kept this far back (as `media._AUDIO_MARGIN`).
-_AUDIO_MARGIN = Fraction(1, 5)
 # A snippet whose audio has not arrived by the time the video is this far past its end goes on with
 # what there is (silence where none): an audio track that stops must not hold the video back.
 AUDIO_WAIT = Fraction(1)

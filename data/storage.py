@@ -94,11 +94,20 @@ def audio_to_int16(audio: np.ndarray) -> np.ndarray:
 def clip_example(video: np.ndarray, audio: np.ndarray, num_snippets: int, audio_missing: bool, source: str,
                  texts) -> dict:
     """The stored example (`data/spec.py`) of one decoded clip and its texts (objects with the
-    `spec.TEXT_FIELDS` as attributes, e.g. `mirasol3b_data.builders.splits.Text`)."""
+    `spec.TEXT_FIELDS` and `evidence`, spans in seconds from the clip's first frame, as attributes,
+    e.g. `mirasol3b_data.builders.splits.Text`)."""
     from mirasol3b_data.spec import TEXT_FIELDS
 
     if not texts:
         raise ValueError(f"clip_example: {source} has no text")
+    spans = [(i, float(a), float(b)) for i, t in enumerate(texts) for a, b in t.evidence]
+    bad = [(i, a, b) for i, a, b in spans if not 0 <= a < b]
+    if bad:
+        raise ValueError(f"clip_example: {source}: text {bad[0][0]} has evidence span {bad[0][1:]}; expected "
+                         "0 <= start < end seconds")
     return {"video": encode_frames(video), "audio": audio_to_int16(audio), "num_snippets": num_snippets,
             "audio_missing": audio_missing, "source": source,
-            "texts": [{field: getattr(t, field) for field in TEXT_FIELDS} for t in texts]}
+            "texts": [{field: getattr(t, field) for field in TEXT_FIELDS} for t in texts],
+            "evidence": {"text": np.array([i for i, _, _ in spans], np.int32),
+                         "start": np.array([a for _, a, _ in spans], np.float32),
+                         "end": np.array([b for _, _, b in spans], np.float32)}}

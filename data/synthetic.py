@@ -254,6 +254,36 @@ def sample_qa(rng: np.random.Generator, num_snippets: int, inner_tries: int = 20
     raise RuntimeError(f"{template.question_type}: no layout of {num_snippets} snippets gave an answer")
 
 
+# ---- where each answer is seen or heard -------------------------------------------------------
+
+def _overlap(a: Event, b: Event) -> tuple[int, int]:
+    return max(a.start, b.start), min(a.end, b.end)
+
+
+def evidence(qa: QA) -> tuple[tuple[int, int], ...]:
+    """The snippet spans [start, end) the answer rests on, as NExT-GQA annotates them: the moment
+    the answer is seen or heard, where the question's condition holds. "during" and "together: yes":
+    where the two events overlap; "after" and first/last: the answering event; "together: no": both
+    events (either one locates the answer, as NExT-GQA's several segments of one question do)."""
+    lay, params, kind = qa.layout, dict(qa.params), qa.question_type.split("/")[1]
+    if kind == "first_colour":
+        return ((lay.shapes[0].start, lay.shapes[0].end),)
+    if kind == "last_pitch":
+        return ((lay.tones[1].start, lay.tones[1].end),)
+    if kind in ("colour_during_tone", "colour_after_tone"):
+        cue, answer = lay.tone(params["pitch"]), lay.shape(qa.answer)
+    elif kind in ("pitch_during_shape", "pitch_after_shape"):
+        cue, answer = lay.shape(params["colour"]), lay.tone(qa.answer)
+    elif kind == "together":
+        shape, tone = lay.shape(params["colour"]), lay.tone(params["pitch"])
+        return (_overlap(shape, tone),) if qa.answer == "yes" else tuple(
+            sorted({(shape.start, shape.end), (tone.start, tone.end)}))
+    else:
+        raise ValueError(f"no evidence rule for question type {qa.question_type!r}")
+    return (_overlap(cue, answer),) if kind.endswith("during_tone") or kind.endswith("during_shape") else (
+        (answer.start, answer.end),)
+
+
 def well_posed_questions(layout: Layout) -> list[QA]:
     """Every (template, params) question the layout answers, in a fixed order."""
     out = []

@@ -41,11 +41,13 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_SHUFFLE_BUFFER = 256
 
 # (TFDS name with version, task name) of every built-in source. The versions are the builders'.
-SYNTHETIC_AVQA_VERSION = "2.0.0"
+SYNTHETIC_AVQA_VERSION = "2.1.0"
 SYNTHETIC_AVQA_CONFIGS = ("tiny", "tiny_smoke", "long")
-LOCAL_MEDIA_VERSION = "2.0.0"
+LOCAL_MEDIA_VERSION = "2.1.0"
 # Versions before these stored one example per text; their layout is not read (see `check_prepared`).
 CLIP_LAYOUT_SINCE = {"synthetic_avqa": "2.0.0", "local_media": "2.0.0"}
+# Versions before these have no evidence spans (`data/spec.py`); rebuilt, they have.
+EVIDENCE_SINCE = {"synthetic_avqa": "2.1.0", "local_media": "2.1.0"}
 LOCAL_MEDIA_GEOMETRIES = ("tiny", "base", "long")
 # The builder's config names (a test checks them): the manifest configs mix kinds of example, so
 # they also get one task per kind; the public formats hold one kind each.
@@ -67,14 +69,22 @@ def output_features(vocabulary: seqio.Vocabulary | None = None) -> dict[str, seq
 
 
 def per_text(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Clip examples (`data/spec.py`: `texts` and int16 `audio`) -> one example per text, with the
-    clip's media (audio as float32 in [-1, 1]) and the text's fields as top-level keys."""
+    """Clip examples (`data/spec.py`: `texts`, `evidence` and int16 `audio`) -> one example per
+    text, with the clip's media (audio as float32 in [-1, 1]), the text's fields as top-level keys
+    and its `evidence` spans, float32 [spans, 2] (start, end seconds)."""
     from mirasol3b_data.storage import AUDIO_SCALE
 
     def expand(clip):
-        media = {k: v for k, v in clip.items() if k != "texts"}
+        media = {k: v for k, v in clip.items() if k not in ("texts", "evidence")}
         media["audio"] = tf.cast(media["audio"], tf.float32) / AUDIO_SCALE
-        return tf.data.Dataset.from_tensor_slices(clip["texts"]).map(lambda text: {**media, **text})
+        spans = clip["evidence"]
+        rows = tf.stack([spans["start"], spans["end"]], axis=-1)
+
+        def one(index, text):
+            return {**media, **text, "evidence": tf.boolean_mask(rows, tf.equal(spans["text"], index))}
+        texts = tf.data.Dataset.from_tensor_slices(clip["texts"])
+        return tf.data.Dataset.zip(tf.data.Dataset.range(tf.int64.max), texts).map(
+            lambda i, text: one(tf.cast(i, tf.int32), text))
     return ds.flat_map(expand)
 
 
@@ -199,9 +209,16 @@ def _refuse_old_versions(task: str, dataset: str, config: str, version, data_dir
     found = sorted(p.name for p in folder.iterdir() if (p / "dataset_info.json").exists()) if folder.is_dir() else []
     if found:
         old = ", ".join(found)
-        since = CLIP_LAYOUT_SINCE.get(dataset)
-        why = (f"versions before {since} stored one example per text, each with its own copy of the clip; this release "
-               "stores each clip once" if since else "this release reads another version")
+        since, evidence_since = CLIP_LAYOUT_SINCE.get(dataset), EVIDENCE_SINCE.get(dataset)
+        older = lambda v: tuple(map(int, found[-1].split("."))) < tuple(map(int, v.split(".")))  # noqa: E731
+        if since and older(since):
+            why = (f"versions before {since} stored one example per text, each with its own copy of the clip; this "
+                   "release stores each clip once")
+        elif evidence_since and older(evidence_since):
+            why = (f"versions before {evidence_since} have no evidence spans, which grounding metrics and reports "
+                   "read")
+        else:
+            why = "this release reads another version"
         raise errors.NotFoundError(
             f"task {task!r}: {dataset}/{config} in {shown_dir} is version {old}, and this release reads {version} "
             f"({why}). Rebuild it: `tfds build data/builders/{dataset} --config={config}"

@@ -1,13 +1,17 @@
 """Answers a question about one video file with a trained model.
 
     python -m mirasol3b.answer --workdir=DIR --video=clip.mp4 --question="what plays first?" [--config=...]
+        [--report=OUT.html]
 
 The config is the one stored with `DIR`'s latest checkpoint unless `--config` is given (which may
 differ from it only in how the model computes: `restore.check_config_matches_checkpoint`). The file
 goes through the training pipeline: `mirasol3b_data.media.decode_clip` at the config's geometry (at most
 `config.data.num_frames` frames from the start), then the feature converter (padding, media_mask,
-BOS + question tokens), then `config.eval`'s decoding. A file that cannot be read exits with
-status 1 and the file, reason and detail on stderr.
+BOS + question tokens), then `config.eval`'s decoding. It prints the answer, then its evidence (the
+strongest time spans, `mirasol3b/evidence.py`) unless `config.eval.evidence` is "off"; `--report`
+also writes a page of the clip, its spectrogram and the evidence over time (`mirasol3b/report.py`),
+with a PNG of the timeline beside it. A file that cannot be read exits with status 1 and the file,
+reason and detail on stderr.
 """
 
 from __future__ import annotations
@@ -60,11 +64,34 @@ def answer(config: ml_collections.ConfigDict, params, video_path: str, question:
 def answer_batch(config: ml_collections.ConfigDict, params, batch: dict[str, np.ndarray], *,
                  mesh: jax.sharding.Mesh | None = None, decode: decoding.DecodeConfig | None = None) -> str:
     """The answer for a `prepare`d batch."""
+    return answer_with_evidence(config, params, batch, mesh=mesh, decode=decode, with_evidence=False)["answer"]
+
+
+def answer_with_evidence(config: ml_collections.ConfigDict, params, batch: dict[str, np.ndarray], *,
+                         mesh: jax.sharding.Mesh | None = None, decode: decoding.DecodeConfig | None = None,
+                         with_evidence: bool = True) -> dict:
+    """{"answer": text} for a `prepare`d batch, with `evaluate.evidence_record`'s `snippet_scores`,
+    `evidence` (spans) and `memory_share` unless `with_evidence` is False or `config.eval.evidence`
+    is "off"."""
     from mirasol3b_data import vocab
 
     configlib.validate_eval(config)
     tokens = evaluate.generate_tokens(config, params, batch, mesh, decode=decode)
-    return vocab.get_vocabulary(config).decode(tokens[0].tolist())
+    out = {"answer": vocab.get_vocabulary(config).decode(tokens[0].tolist())}
+    if with_evidence and config.eval.evidence != "off":
+        found = evaluate.evidence_scores(config, params, batch, tokens, mesh)
+        out.update(evaluate.evidence_record(found["scores"][0], found["memory_share"][0], batch["media_mask"][0],
+                                            evaluate.snippet_seconds(config)))
+    return out
+
+
+def describe_evidence(result: dict) -> str:
+    """"evidence: 0.50–1.25 s (0.81), 1.75–2.00 s (0.12)", the strongest span first."""
+    from mirasol3b.report import span_text
+
+    spans = ", ".join(f"{span_text((a, b))} ({score:.2f})" for a, b, score in result["evidence"]) or "none"
+    memory = f"; {result['memory_share']:.0%} through the TTM memory" if result["memory_share"] else ""
+    return f"evidence: {spans}{memory}"
 
 
 SHARED_FLAGS = cli.Shared(config=cli.OPTIONAL, config_help="Config file (default: the one the workdir's "
@@ -79,6 +106,9 @@ def define_flags(fv: flags.FlagValues) -> dict:
         "missing_audio": flags.DEFINE_enum("missing_audio", "skip", ["skip", "silence"], "A file without (usable) "
                                            "audio: 'skip' is an error, 'silence' fills zeros.", flag_values=fv),
         "config_check": evaluate.define_config_check_flag(fv),
+        "report": flags.DEFINE_string("report", None, "Also write this HTML page (and a PNG beside it): the clip's "
+                                      "frames, its log-mel spectrogram and the answer's evidence over time.",
+                                      flag_values=fv),
     }
     flags.mark_flags_as_required(["video", "question"], flag_values=fv)
     return holders
@@ -98,10 +128,20 @@ def main(args: cli.Args) -> None:
         restore.check_config_matches_checkpoint(config, args.workdir)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     _, params = restore.restore_params(config, args.workdir, mesh)
-    text = answer_batch(config, params, batch, mesh=mesh)
+    if args.report and config.eval.evidence == "off":
+        raise errors.ConfigError("--report draws the answer's evidence: it needs config.eval.evidence 'context' or "
+                                 "'latents', not 'off'")
+    result = answer_with_evidence(config, params, batch, mesh=mesh)
+    text = result["answer"]
     print(text, flush=True)
     if not text.strip():  # a blank line alone reads like a failure to print
         print("(the answer is empty: the model ended its text at once)", file=sys.stderr, flush=True)
+    if "evidence" in result:
+        print(describe_evidence(result), flush=True)
+    if args.report:
+        page, png = evaluate.write_report_page(config, batch["video"][0], batch["audio"][0], batch["media_mask"][0],
+                                               args.question, result, args.report)
+        print(f"report: {page} (timeline: {png})", flush=True)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,9 @@ FIELDS: dict[str, Any] = {
         "split": Field("validation", _nonempty_str),
         "every_steps": Field(0, _nonneg_int),  # during training; 0 = only at the end
         "max_batches": Field(0, _nonneg_int),  # 0 = the whole split
+        # Where each answer's evidence is computed (mirasol3b/evidence.py; "off": none, and no
+        # grounding metrics). "context" is what a stream can compute too.
+        "evidence": Field("context", _one_of("off", "context", "latents")),
     },
 }
 

@@ -7,7 +7,8 @@
 2. trains `configs/tiny.py` on it (`mirasol3b.main`'s loop: resumes, or says it is done);
 3. evaluates the latest checkpoint on the validation split (one JSON line, also written to the
    workdir);
-4. writes one generated test clip to `<workdir>/example_clip.mp4` and answers its question.
+4. writes one generated test clip to `<workdir>/example_clip.mp4`, answers its question with the
+   evidence span, and draws them on `<workdir>/example_report.html` (and `.png`).
 """
 
 from __future__ import annotations
@@ -48,15 +49,16 @@ def build_dataset(config):
 
 
 def answer_example_clip(config, workdir: str, built) -> dict:
-    """Writes test clip 0 of the synthetic data (`built`: its builder config) and answers its
-    question with the trained model.
+    """Writes test clip 0 of the synthetic data (`built`: its builder config), answers its question
+    with the trained model and writes the answer's report page.
 
     One clip is one row: like `mirasol3b.answer`, the params are restored onto one device.
     """
     from mirasol3b_data import synthetic
     from mirasol3b_data.encode import write_clip
     from mirasol3b_data.spec import MediaSpec
-    from mirasol3b.answer import answer
+    from mirasol3b import evaluate
+    from mirasol3b.answer import answer_with_evidence, describe_evidence, prepare
     from mirasol3b.train import restore
 
     spec = MediaSpec.from_config(config)
@@ -66,8 +68,17 @@ def answer_example_clip(config, workdir: str, built) -> dict:
     write_clip(path, frames, built.source.fps, audio, built.source.sample_rate)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     _, params = restore.restore_params(config, workdir, mesh)
-    predicted = answer(config, params, path, qa.question, mesh=mesh)
-    return {"clip": path, "question": qa.question, "reference": qa.answer, "prediction": predicted}
+    batch = prepare(config, path, qa.question)
+    result = answer_with_evidence(config, params, batch, mesh=mesh)
+    truth = [(a * spec.snippet_seconds, b * spec.snippet_seconds) for a, b in synthetic.evidence(qa)]
+    out = {"clip": path, "question": qa.question, "reference": qa.answer, "prediction": result["answer"],
+           "truth": truth}
+    if "evidence" in result:
+        out["evidence"] = describe_evidence(result)
+        out["report"], _ = evaluate.write_report_page(
+            config, batch["video"][0], batch["audio"][0], batch["media_mask"][0], qa.question, result,
+            os.path.join(workdir, "example_report.html"), reference=qa.answer, truth=truth)
+    return out
 
 
 def main(args: cli.Args) -> None:
@@ -106,6 +117,11 @@ def main(args: cli.Args) -> None:
     example = answer_example_clip(config, workdir, built)
     print(f"clip: {example['clip']}\nquestion: {example['question']}\n"
           f"answer: {example['prediction']}   (reference: {example['reference']})", flush=True)
+    if "evidence" in example:
+        from mirasol3b.report import span_text
+
+        truth = ", ".join(span_text(span) for span in example["truth"])
+        print(f"{example['evidence']}   (where it is: {truth})\nreport: {example['report']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Generation-based evaluation: exact-match accuracy of generated answers on a split.
 
     python -m mirasol3b.evaluate --workdir=DIR [--split=validation] [--config=configs/tiny.py ...]
+        [--streaming] [--report_dir=DIR]
 
 restores the params of `DIR`'s latest good checkpoint (with the config it stores, or the one given,
 which may differ from it only in how the model computes: `restore.check_config_matches_checkpoint`),
@@ -16,8 +17,14 @@ Metrics (answers compared after `normalize_answer`, over real rows only, never p
   accuracy/<question_type>, num_examples/<question_type>   rows whose question_type is not ""
   classification_accuracy, num_classification             rows of kind "classification"
   majority_baseline, majority_answer                      always answering the split's commonest answer
-  samples                                                 a few {question, reference, prediction}
-Accuracies of an empty group are None (null in JSON).
+  samples                                                 a few {question, reference, prediction, evidence}
+  grounding/<metric>, grounding_random/<metric>           where the split has evidence spans and
+                                                          config.eval.evidence is not "off": NExT-GQA's
+                                                          mIoP, IoP@0.3/0.5, mIoU, IoU@0.3/0.5, Acc@GQA, and
+                                                          a random span of the same length
+                                                          (mirasol3b/grounding.py); grounding/num_examples
+Accuracies of an empty group are None (null in JSON). Each answer's evidence (mirasol3b/evidence.py):
+a score per snippet and the top spans in seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import numpy as np
 from absl import flags
 from flax import linen as nn
 
-from mirasol3b import cli, configlib, decoding, distributed, errors, sharding, streaming
+from mirasol3b import cli, configlib, decoding, distributed, errors, evidence, grounding, sharding, streaming
 from mirasol3b.model import Mirasol3B, samples_per_snippet
 from mirasol3b.train import restore
 from mirasol3b.train.batches import global_batch, model_batch
@@ -121,6 +128,31 @@ def generate_tokens(config: ml_collections.ConfigDict, params, batch: dict, mesh
         return local_rows(generate(params, inputs, rng)["tokens"], inputs["prompts"])
 
 
+_EVIDENCE_FNS: dict = {}
+
+
+def snippet_seconds(config: ml_collections.ConfigDict) -> float:
+    return config.model.video.snippet_frames / config.model.video.fps
+
+
+def evidence_scores(config: ml_collections.ConfigDict, params, batch: dict, tokens: np.ndarray,
+                    mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
+    """`evidence.make_evidence_fn`'s scores for this process's rows of a host batch and the tokens
+    generated for them (placed as `generate_tokens` places its inputs)."""
+    from mirasol3b_data.vocab import EOS_ID
+
+    key = (config.model.to_json(), config.eval.evidence)
+    if key not in _EVIDENCE_FNS:
+        _EVIDENCE_FNS[key] = evidence.make_evidence_fn(Mirasol3B(config.model), EOS_ID, config.eval.evidence)
+    inputs = {**model_batch(batch, config, GENERATE_KEYS), "tokens": np.asarray(tokens, np.int32)}
+    in_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with in_mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        if mesh is not None:
+            inputs = global_batch(inputs, mesh)
+        out = _EVIDENCE_FNS[key](params, {k: v for k, v in inputs.items() if k != "tokens"}, inputs["tokens"])
+        return {k: local_rows(v, inputs["prompts"]) for k, v in out.items()}
+
+
 def stream_tokens(config: ml_collections.ConfigDict, stream: streaming.Stream, batch: dict, *,
                   decode: decoding.DecodeConfig, rng: jax.Array) -> np.ndarray:
     """Generated token ids `[b, max_new_tokens]` with each row's clip pushed into `stream` a snippet
@@ -136,10 +168,13 @@ def stream_tokens(config: ml_collections.ConfigDict, stream: streaming.Stream, b
 
 def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh | None = None, *,
             split: str | None = None, max_batches: int | None = None,
-            decode: decoding.DecodeConfig | None = None, streaming_path: bool = False) -> list[dict]:
+            decode: decoding.DecodeConfig | None = None, streaming_path: bool = False,
+            report_dir: str | None = None) -> list[dict]:
     """One record per real example of `split` (all processes'): question, reference, prediction,
-    question_type, kind. Defaults come from `config.eval`. `streaming_path`: answers come from a
-    `streaming.Stream` each clip is pushed into, a snippet at a time (one process only)."""
+    question_type, kind, truth (evidence spans), duration, and the answer's evidence (`evidence_record`)
+    unless `config.eval.evidence` is "off". Defaults come from `config.eval`. `streaming_path`: answers
+    come from a `streaming.Stream` each clip is pushed into, a snippet at a time (one process only).
+    `report_dir`: report pages of the first `REPORTS_PER_OUTCOME` right and wrong answers (process 0's)."""
     from mirasol3b_data import pipeline, vocab
 
     configlib.validate_eval(config)
@@ -147,6 +182,10 @@ def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh |
         raise errors.ConfigError("evaluating through the streaming path runs in one process "
                                  f"(this run has {jax.process_count()})")
     stream = None
+    reports = collections.Counter()
+    if report_dir is not None and config.eval.evidence == "off":
+        raise errors.ConfigError("report pages draw the answers' evidence: config.eval.evidence must be 'context' or "
+                                 "'latents', not 'off'")
     split = split or config.eval.split
     max_batches = config.eval.max_batches if max_batches is None else max_batches
     vocabulary = vocab.get_vocabulary(config)
@@ -163,17 +202,72 @@ def predict(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh |
                                           capacity=batch["media_mask"].shape[1])
             tokens = stream_tokens(config, stream, batch, decode=decode or decode_config(config),
                                    rng=jax.random.fold_in(rng, i))
+            found = None if config.eval.evidence == "off" else stream.evidence(
+                batch["prompts"], batch["prompt_lengths"], tokens, eos_id=vocab.EOS_ID)
         else:
             tokens = generate_tokens(config, params, batch, mesh, decode=decode, rng=jax.random.fold_in(rng, i))
+            found = None if config.eval.evidence == "off" else evidence_scores(config, params, batch, tokens, mesh)
         for r in np.flatnonzero(batch["example_valid"]):
-            records.append({
+            record = {
                 "question": vocabulary.decode(batch["prompts"][r, 1:batch["prompt_lengths"][r]].tolist()),
                 "reference": batch["answer_text"][r],
                 "prediction": vocabulary.decode(tokens[r].tolist()),
                 "question_type": batch["question_type"][r],
                 "kind": batch["kind"][r],
-            })
+                "truth": [list(span) for span in batch["evidence"][r]],
+                "duration": float(batch["media_mask"][r].sum()) * snippet_seconds(config),
+            }
+            if found is not None:
+                record.update(evidence_record(found["scores"][r], found["memory_share"][r], batch["media_mask"][r],
+                                              snippet_seconds(config)))
+                if report_dir is not None and jax.process_index() == 0:
+                    _maybe_report(config, batch, r, record, report_dir, reports)
+            records.append(record)
     return [r for part in sharding.gather_json(records) for r in part]  # every process's
+
+
+REPORTS_PER_OUTCOME = 3
+
+
+def _maybe_report(config, batch: dict, r: int, record: dict, report_dir: str, written: collections.Counter) -> None:
+    """Writes row `r`'s page as `{right,wrong}_<n>.html` while fewer than `REPORTS_PER_OUTCOME` of its kind are."""
+    outcome = "right" if normalize_answer(record["prediction"]) == normalize_answer(record["reference"]) else "wrong"
+    if written[outcome] >= REPORTS_PER_OUTCOME:
+        return
+    path = os.path.join(report_dir, f"{outcome}_{written[outcome]}.html")
+    write_report_page(config, batch["video"][r], batch["audio"][r], batch["media_mask"][r], record["question"], record,
+                      path, reference=record["reference"], truth=record["truth"])
+    written[outcome] += 1
+
+
+def write_report_page(config: ml_collections.ConfigDict, video: np.ndarray, audio: np.ndarray, media_mask: np.ndarray,
+                      question: str, result: dict, path: str, *, reference: str | None = None,
+                      truth=()) -> tuple[str, str]:
+    """The report page (and PNG beside it, `mirasol3b/report.py`) of one answered clip: `video`,
+    `audio`, `media_mask` one row of a model batch, `result` its answer ("answer" or "prediction") with
+    `evidence_record`'s fields."""
+    from mirasol3b import report
+    from mirasol3b.model import logmel_spec
+
+    snippets = int(np.asarray(media_mask).sum())
+    frames, samples = snippets * config.model.video.snippet_frames, snippets * samples_per_snippet(config.model)
+    answer = result["answer"] if "answer" in result else result["prediction"]
+    right = None if reference is None else normalize_answer(answer) == normalize_answer(reference)
+    return report.write_report(
+        path, frames=np.asarray(video[:frames]), audio=np.asarray(audio[:samples]), fps=config.model.video.fps,
+        sample_rate=config.model.audio.sample_rate, snippet_seconds=snippet_seconds(config),
+        scores=result["snippet_scores"][:snippets], spans=[(a, b) for a, b, _ in result["evidence"]],
+        question=question, answer=answer, reference=reference, correct=right, truth=[tuple(t) for t in truth],
+        logmel_spec=logmel_spec(config.model))
+
+
+def evidence_record(scores: np.ndarray, memory_share: float, valid: np.ndarray, seconds: float) -> dict:
+    """An answer's evidence as records and reports hold it: `snippet_scores` (one per snippet),
+    `evidence` ([start s, end s, score], the strongest first), `memory_share`."""
+    spans = evidence.top_spans(scores, valid, seconds)
+    return {"snippet_scores": [round(float(x), 4) for x in scores],
+            "evidence": [[round(a, 4), round(b, 4), round(c, 4)] for a, b, c in spans],
+            "memory_share": round(float(memory_share), 4)}
 
 
 # ---- scoring ----------------------------------------------------------------------------------
@@ -198,24 +292,31 @@ def score(records: list[dict]) -> dict:
     answers = collections.Counter(normalize_answer(r["reference"]) for r in records)
     top, count = answers.most_common(1)[0] if answers else (None, 0)
     out.update(majority_baseline=count / len(records) if records else None, majority_answer=top)
-    out["samples"] = [{k: r[k] for k in ("question", "reference", "prediction")} for r in records[:NUM_SAMPLES]]
+    out["samples"] = [{k: r[k] for k in ("question", "reference", "prediction", "evidence") if k in r}
+                      for r in records[:NUM_SAMPLES]]
+    if any("evidence" in r for r in records):
+        out.update(grounding.grounding_metrics(
+            [tuple(r["evidence"][0][:2]) if r.get("evidence") else None for r in records],
+            [[tuple(span) for span in r.get("truth", ())] for r in records], hit,
+            [r.get("duration", 0.0) for r in records]))
     return out
 
 
 def evaluate(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh | None = None, *,
              split: str | None = None, max_batches: int | None = None,
-             decode: decoding.DecodeConfig | None = None, streaming_path: bool = False) -> dict:
+             decode: decoding.DecodeConfig | None = None, streaming_path: bool = False,
+             report_dir: str | None = None) -> dict:
     """Generates an answer for every example of `split` and scores them (see the module docstring).
 
     `params` may be sharded over `mesh` (then generation runs under it) or live on one device
     (`mesh=None`). `split`, `max_batches` (0: all) and `decode` default to `config.eval`.
-    `streaming_path`: see `predict`; the metrics then say `"path": "streaming"`.
+    `streaming_path`: see `predict`; the metrics then say `"path": "streaming"`. `report_dir`: see `predict`.
     """
     split = split or config.eval.split
     max_batches = config.eval.max_batches if max_batches is None else max_batches
     decode = decode or decode_config(config)
     metrics = score(predict(config, params, mesh, split=split, max_batches=max_batches, decode=decode,
-                            streaming_path=streaming_path))
+                            streaming_path=streaming_path, report_dir=report_dir))
     return {"split": split, **({"max_batches": max_batches} if max_batches else {}),
             **({"path": "streaming"} if streaming_path else {}),
             "decode": decode_settings(decode, config.seed), "numerics": numerics(config), **metrics}
@@ -256,6 +357,9 @@ def define_flags(fv: flags.FlagValues) -> dict:
             "streaming": flags.DEFINE_bool("streaming", False, "Answer through the streaming path: each clip "
                                            "pushed a snippet at a time, its question asked at its end (one "
                                            "process).", flag_values=fv),
+            "report_dir": flags.DEFINE_string("report_dir", None, "Also write report pages (the clip, its spectrogram, "
+                                              f"the evidence over time) of {REPORTS_PER_OUTCOME} right and "
+                                              f"{REPORTS_PER_OUTCOME} wrong answers here.", flag_values=fv),
             "config_check": define_config_check_flag(fv)}
 
 
@@ -279,7 +383,8 @@ def main(args: cli.Args) -> None:
     trained = numerics(restore.from_saved(saved)) if saved is not None else None
     print(f"evaluating step {step} of {workdir}", file=sys.stderr, flush=True)  # stdout: the JSON line only
     # config.eval.split: --split's when given
-    metrics = {"step": step, **evaluate(config, params, mesh, streaming_path=args.streaming)}
+    metrics = {"step": step, **evaluate(config, params, mesh, streaming_path=args.streaming,
+                                        report_dir=args.report_dir)}
     if jax.process_index() == 0:
         line = json.dumps(metrics)
         print(line, flush=True)

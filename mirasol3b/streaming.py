@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from mirasol3b import decoding
+from mirasol3b import decoding, evidence
 from mirasol3b.model import Mirasol3B, check_media
 
 
@@ -43,6 +43,7 @@ class StreamState:
     cache_valid: jax.Array  # bool [batch, cache_snippets]: which cached snippets hold real media
     features: jax.Array  # [batch, context_snippets, m, width]: what the text decoder reads
     features_valid: jax.Array  # bool [batch, context_snippets]
+    features_time: jax.Array  # int32 [batch, context_snippets]: the snippet each slot holds (for evidence)
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +79,7 @@ class Stream:
         self._push = jax.jit(self._push_fn)
         self._media = jax.jit(self._media_fn)
         self._generate = {}
+        self._evidence = {}
         self.state = self._init(capacity)
 
     # ---- state --------------------------------------------------------------------------------
@@ -99,7 +101,8 @@ class Stream:
             snippets=jnp.int32(0), real=jnp.zeros((b,), jnp.int32), memory=memory, cache=cache,
             cache_valid=jnp.zeros((b, cache_snippets), bool),
             features=jnp.zeros((b, context_snippets, m, c.time_aligned.width), self._dtype),
-            features_valid=jnp.zeros((b, context_snippets), bool))
+            features_valid=jnp.zeros((b, context_snippets), bool),
+            features_time=jnp.zeros((b, context_snippets), jnp.int32))
 
     def reset(self) -> None:
         """Starts a new stream (the compiled functions are kept): the state after no snippet."""
@@ -154,7 +157,7 @@ class Stream:
             snippets=t + 1, real=state.real + valid.astype(jnp.int32), memory=memory, cache=updated["cache"],
             cache_valid=cache_valid,
             features=jnp.where(write[:, :, None, None], features.astype(self._dtype), state.features),
-            features_valid=features_valid)
+            features_valid=features_valid, features_time=jnp.where(write, t, state.features_time))
         return new, features[:, 0]
 
     # ---- asking -------------------------------------------------------------------------------
@@ -179,6 +182,28 @@ class Stream:
         batch = {"media": media, "media_token_mask": mask, "prompts": jnp.asarray(prompts, jnp.int32),
                  "prompt_lengths": jnp.asarray(prompt_lengths, jnp.int32)}
         return self._generate[config](self.params, batch, jax.random.key(0) if rng is None else rng)
+
+
+    def evidence(self, prompts, prompt_lengths, tokens, *, eos_id: int) -> dict[str, np.ndarray]:
+        """The evidence of answers `tokens [batch, n]` (as `ask` gave them) to `prompts`, from what the
+        decoder reads now (`mirasol3b/evidence.py`, level "context"): `scores [batch, snippets pushed]`
+        by stream snippet (0 for snippets the state no longer holds: a bounded context reads only the
+        recent ones) and `memory_share [batch]`."""
+        if eos_id not in self._evidence:
+            def fn(params, state, prompts, prompt_lengths, tokens):
+                media, mask = self.model.apply({"params": params}, state.features, state.features_valid,
+                                               state.memory, method=Mirasol3B.decoder_context)
+                return evidence.context_scores(self.model, params, media, mask, state.features.shape[1], prompts,
+                                               prompt_lengths, tokens, eos_id)
+            self._evidence[eos_id] = jax.jit(fn)
+        out = self._evidence[eos_id](self.params, self.state, jnp.asarray(prompts, jnp.int32),
+                                     jnp.asarray(prompt_lengths, jnp.int32), jnp.asarray(tokens, jnp.int32))
+        slot_scores, held = np.asarray(out["scores"]), np.asarray(self.state.features_valid)
+        times = np.asarray(self.state.features_time)
+        scores = np.zeros((self.batch, self.pushed), np.float32)
+        for r in range(self.batch):
+            scores[r, times[r, held[r]]] = slot_scores[r, held[r]]
+        return {"scores": scores, "memory_share": np.asarray(out["memory_share"])}
 
 
 def prompt_row(tokens: list[int], length: int, bos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -50,6 +50,13 @@ def test_demo_builds_trains_evaluates_answers_and_a_second_run_reuses_it(tmp_pat
     qa, _, _ = synthetic.generate_example(0, "test", 0, 4)  # test clip 0 of the built split (4 snippets)
     assert question == f"question: {qa.question}"
     assert any(line.startswith("answer: ") and f"(reference: {qa.answer})" in line for line in lines), lines
+    # The answer's evidence span, where the answer really is, and the report page.
+    evidence = next(line for line in lines if line.startswith("evidence: "))
+    where = ", ".join(f"{a * 0.25:.2f}–{b * 0.25:.2f} s" for a, b in synthetic.evidence(qa))
+    assert f"(where it is: {where})" in evidence and " s (" in evidence, evidence
+    assert f"report: {workdir / 'example_report.html'}" in lines
+    assert (workdir / "example_report.png").stat().st_size > 0
+    assert "grounding/mIoU" in result and "grounding_random/mIoU" in result
 
     second = _demo(workdir)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -92,6 +92,8 @@ def test_metadata_lines_up_with_rows():
 
 def test_metrics_on_controlled_predictions(monkeypatch):
     cfg = make_config()
+    with cfg.unlocked():
+        cfg.eval.evidence = "off"  # no model: answers only (evidence: tests/test_evidence.py)
     seen = []
 
     def fake_generate(params, batch, rng):
@@ -120,6 +122,7 @@ def test_metrics_on_controlled_predictions(monkeypatch):
     assert metrics["classification_accuracy"] == pytest.approx(1 / 2) and metrics["num_classification"] == 2
     assert metrics["majority_baseline"] == pytest.approx(3 / 7) and metrics["majority_answer"] == "red"
     assert metrics["samples"][0] == {"question": "q0", "reference": "red", "prediction": "The RED!"}
+    assert not any(k.startswith("grounding") for k in metrics)
     assert evaluate.evaluate(cfg, None, max_batches=1)["num_examples"] == 4
 
 
@@ -302,6 +305,10 @@ def test_the_streaming_path_answers_as_the_whole_clip_does(tmp_path):
     assert len(offline) == len(streamed) == cfg.data.batch_size
     assert [r["prediction"] for r in streamed] == [r["prediction"] for r in offline]
     assert len({r["prediction"] for r in offline}) > 1  # the answers depend on the clip: a real comparison
+    # Their evidence too: the stream's, from the snippets it holds (the recent ones) and its memory.
+    np.testing.assert_allclose([r["snippet_scores"] for r in streamed], [r["snippet_scores"] for r in offline],
+                               atol=2e-4)
+    np.testing.assert_allclose([r["memory_share"] for r in streamed], [r["memory_share"] for r in offline], atol=2e-4)
     metrics = evaluate.evaluate(cfg, params, max_batches=1, streaming_path=True)
     assert metrics["path"] == "streaming"
     written = logs.write_metrics(str(tmp_path), {"step": 3, **metrics})

@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 TINY = MediaSpec(**local_media.GEOMETRIES["tiny"])
 FULL_SNIPPETS = TINY.max_snippets  # a 1.5 s clip fills the tiny window (1 s)
-FEATURES = {"video", "audio", "num_snippets", "audio_missing", "prompt", "answer", "kind", "question_type", "source"}
+FEATURES = {"video", "audio", "num_snippets", "audio_missing", "prompt", "answer", "kind", "question_type", "source",
+            "evidence"}
 
 # Every bad input of the mixed manifest, with the reason the report must give.
 BAD_FILES = {
@@ -258,6 +259,32 @@ def test_a_split_name_a_letter_off_a_standard_one_is_a_bad_line():
         assert row.reason == "bad_manifest_line" and f"misspelling of {meant!r}" in row.detail
     for name, split in (("holdout", "holdout"), ("val", "validation"), ("test", "test")):  # a split of its own, an alias
         assert readers.check_record({"video": "a.mp4", "caption": "x", "split": name}).split == split
+
+
+def test_manifest_evidence_is_checked_and_stored_from_the_clip_start(media, tmp_path):
+    """"evidence" goes with a question: [[start, end], ...] seconds of the file, 0 <= start < end. The
+    example stores it from the clip's first frame (the file's "start"), cut to the clip."""
+    question = {"video": "a.mp4", "question": "when?", "answer": "soon"}
+    assert readers.check_record({**question, "evidence": [[0, 1.5], [2, 3.25]]}).evidence == ((0.0, 1.5), (2.0, 3.25))
+    assert readers.check_record({**question, "evidence": []}).evidence == () == readers.check_record(question).evidence
+    for evidence, detail in (([[2, 1]], "not 0 <= start < end"), ([[-1, 2]], "not 0 <= start < end"),
+                             ([[1, 1]], "not 0 <= start < end"), ([[1]], "is not [start, end]"),
+                             ([0, 1], "is not [start, end]"), ([["0", 2]], "is not [start, end]"),
+                             ([[True, 2]], "is not [start, end]"), ([[0, float("nan")]], "is not [start, end]"),
+                             ("0-1", "must be a list")):
+        row = readers.check_record({**question, "evidence": evidence})
+        assert row.reason == "bad_manifest_line" and detail in row.detail, (evidence, row)
+    row = readers.check_record({"video": "a.mp4", "caption": "x", "evidence": [[0, 1]]})
+    assert row.reason == "bad_manifest_line" and "'evidence' goes with 'question'" in row.detail
+
+    manual = _manual_dir(tmp_path, media, [  # the clip: 0.25 s to 1.25 s of the file
+        {"video": "clips/good1.mp4", "label": "noise", "start": 0.25},
+        {**question, "video": "clips/good1.mp4", "start": 0.25, "evidence": [[0.0, 0.5], [0.75, 1.0], [1.3, 1.5]]}])
+    (clip,) = _clips(_build(manual, tmp_path / "out"))
+    assert [k.decode() for k in clip["texts"]["kind"]] == ["classification", "qa"]
+    evidence = clip["evidence"]
+    assert [(int(i), round(float(a), 4), round(float(b), 4)) for i, a, b in
+            zip(evidence["text"], evidence["start"], evidence["end"])] == [(1, 0.0, 0.25), (1, 0.5, 0.75)]
 
 
 def test_a_manual_dir_in_a_bucket_builds_as_a_local_one(media, tmp_path, fake_bucket, capsys):  # noqa: F811

@@ -1,5 +1,5 @@
-"""Streaming == offline: after snippets 0..t a stream's features and answers are those of the clip cut
-after snippet t, for both Combiners, with and without a time-aligned window, with masked snippets;
+"""Streaming == offline: after snippets 0..t a stream's features, answers and their evidence are those
+of the clip cut after snippet t, for both Combiners, with and without a time-aligned window, with masked snippets;
 the bounded state stays bounded."""
 
 import chex
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mirasol3b import configlib, decoding
+from mirasol3b import configlib, decoding, evidence
 from mirasol3b.model import Mirasol3B, samples_per_snippet
 from mirasol3b.streaming import Stream, prompt_row
 
@@ -90,6 +90,14 @@ def test_stream_equals_the_clip_cut_after_each_snippet(case):
         expected = offline_generate(params, {"video": cut[0], "audio": cut[1], "media_mask": cut[2], "prompts": prompts,
                                              "prompt_lengths": lengths}, jax.random.key(0))["tokens"]
         np.testing.assert_array_equal(streamed, expected)
+    # The answer's evidence: the stream's, mapped from its slots to snippets, is the clip's.
+    streamed_evidence = stream.evidence(prompts, lengths, streamed, eos_id=greedy.eos_id)
+    offline_evidence = jax.jit(lambda *args: evidence.context_scores(model, params, args[0], args[1], SNIPPETS,
+                                                                     *args[2:], greedy.eos_id))(
+        offline["media"], offline["media_token_mask"], prompts, lengths, expected)
+    np.testing.assert_allclose(streamed_evidence["scores"], offline_evidence["scores"], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(streamed_evidence["memory_share"], offline_evidence["memory_share"], atol=1e-5)
+    assert np.all(streamed_evidence["scores"][~mask] == 0)
     assert stream.pushed == SNIPPETS and int(stream.state.snippets) == SNIPPETS
     np.testing.assert_array_equal(stream.state.real, mask.sum(1))
 

@@ -316,3 +316,5 @@ class Text:
     question_type: str = ""
     annotation: str = ""
     line: int | None = None
+    # ((start, end), ...) seconds from the clip's first frame: where the answer is seen or heard.
+    evidence: tuple[tuple[float, float], ...] = ()

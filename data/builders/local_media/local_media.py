@@ -35,12 +35,15 @@ SOURCES = ("manifest", "msrvtt_qa", "activitynet_qa", "nextqa", "vggsound", "kin
 VIDEO_DIR = "videos"  # where the public formats' videos are, inside the manual dir
 KINETICS_SOUND_CLASSES = "kinetics_sound_classes.txt"
 NEXTQA_MAP = "map_vid_vidorID.json"
-_OTHER_ANNOTATION_FILES = {"nextqa": (NEXTQA_MAP,), "kinetics_sound": (KINETICS_SOUND_CLASSES,)}  # fingerprinted too
+NEXTQA_GROUNDING = "gsub_{stem}.json"  # NExT-GQA's time spans of the questions in {stem}.csv
 FINGERPRINT_KEY = "manual_dir_fingerprint"  # in the dataset's metadata.json, see `_fingerprint`
 # Public releases' per-split files: (file stem, TFDS split); Kinetics' validation file is "validate"
 # (DeepMind's release) or "val" (CVDF's).
 _SPLIT_FILES = (("train", "train"), ("val", "validation"), ("test", "test"))
 _KINETICS_SPLIT_FILES = (("train", "train"), ("validate", "validation"), ("val", "validation"), ("test", "test"))
+_OTHER_ANNOTATION_FILES = {  # read beside a source's per-split files, and fingerprinted too
+    "nextqa": (NEXTQA_MAP, *(NEXTQA_GROUNDING.format(stem=stem) for stem, _ in _SPLIT_FILES)),
+    "kinetics_sound": (KINETICS_SOUND_CLASSES,)}
 
 
 @dataclasses.dataclass(eq=False)
@@ -97,11 +100,13 @@ class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
       manifest (configs "tiny", "base", and "*_silence"): `manifest.jsonl`, one JSON object per line
         {"video": "rel/path.mp4", "question": ..., "answer": ..., "question_type": ...} (QA),
         {"video": ..., "caption": ...} (captioning) or {"video": ..., "label": ...} (classification),
-        each with optional "start" (seconds) and "split" (default "train"; "val" means "validation").
+        each with optional "start" (seconds) and "split" (default "train"; "val" means "validation"), and
+        a question with optional "evidence": [[start, end], ...], seconds of the file its answer rests on.
         Paths are relative to the manual dir.
       msrvtt_qa: {train,val,test}_qa.json; videos/video{N}.mp4.
       activitynet_qa: {train,val,test}_q.json and _a.json; videos/v_{name}.{mp4,mkv,webm}.
-      nextqa: {train,val,test}.csv, optional map_vid_vidorID.json; videos/{path}.mp4.
+      nextqa: {train,val,test}.csv (NExT-QA's, or NExT-GQA's with text answers), optional map_vid_vidorID.json,
+        optional gsub_{val,test}.json (NExT-GQA's grounding); videos/{path}.mp4.
       vggsound: vggsound.csv (its split column); videos/{youtube_id}_{start:06d}.mp4.
       kinetics_sound: {train,validate or val,test}.csv of Kinetics plus kinetics_sound_classes.txt (one
         class per line); videos/{youtube_id}_{start:06d}_{end:06d}.mp4, or in any folder below videos/
@@ -117,11 +122,13 @@ class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
     manual dir) nothing is compared.
     """
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("2.1.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "2.0.0": "One example per clip holding all its texts (was one per text, each with its own "
                               "copy of the clip); frames stored as JPEG/PNG images, audio as int16. Builds on "
-                              "Apache Beam with --beam_pipeline_options."}
+                              "Apache Beam with --beam_pipeline_options.",
+                     "2.1.0": "Each text's evidence spans (NExT-GQA's grounding annotations for nextqa, an optional "
+                              "\"evidence\" field in the manifest)."}
     BUILDER_CONFIGS = _configs()
     builder_config_cls = LocalMediaConfig  # `tfds build --config='{"name": ..., "fps": ...}'` builds a custom one
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the annotations (manifest.jsonl, or a public format's files) and the media in "
@@ -216,9 +223,9 @@ def _annotation_files(source: str, manual_dir: epath.Path):
         files = [(f"{stem}_q.json", split, lambda p: readers.read_activitynet_qa(
             p, str(p).removesuffix("_q.json") + "_a.json", videos)) for stem, split in _SPLIT_FILES]
     elif source == "nextqa":
-        mapping = manual_dir / NEXTQA_MAP
-        files = [(f"{stem}.csv", split, lambda p: readers.read_nextqa(p, videos, mapping if mapping.exists() else None))
-                 for stem, split in _SPLIT_FILES]
+        files = [(f"{stem}.csv", split, lambda p: readers.read_nextqa(
+            p, videos, _if_present(manual_dir / NEXTQA_MAP),
+            _if_present(manual_dir / NEXTQA_GROUNDING.format(stem=p.stem)))) for stem, split in _SPLIT_FILES]
     elif source == "vggsound":
         files = [("vggsound.csv", "train", lambda p: readers.read_vggsound(p, videos))]
     else:
@@ -241,6 +248,10 @@ def _annotation_files(source: str, manual_dir: epath.Path):
             raise ValueError(f"local_media/{source}: {' and '.join(str(manual_dir / n) for n in same)} are both "
                              f"the {split} split; keep one")
     return present
+
+
+def _if_present(path: epath.Path) -> epath.Path | None:
+    return path if path.exists() else None
 
 
 def _read(source: str, manual_dir: epath.Path):
@@ -312,8 +323,8 @@ def _clips(manual_dir: epath.Path, items) -> list:
             bad.append(Skipped(_source(manual_dir, record.video) if record.video else "", record.reason, record.detail,
                                annotation, line))
         else:
-            texts[(record.video, record.start)].append(
-                Text(record.prompt, record.answer, record.kind, record.question_type, annotation, line))
+            texts[(record.video, record.start)].append(Text(record.prompt, record.answer, record.kind,
+                                                            record.question_type, annotation, line, record.evidence))
     return [(video, start, tuple(t)) for (video, start), t in sorted(texts.items())] + bad
 
 
@@ -336,7 +347,17 @@ class _Maker:
         clip = decode_clip(_media_path(self.manual_dir, video), self.spec, start_seconds=start, threads=self.threads)
         if clip.audio_missing and self.spec.missing_audio != "silence":  # the decoder's job; a cheap guard
             raise SkipExample("no_audio_track", "the decoder returned silence under missing_audio='skip'")
+        length = clip.num_snippets * self.spec.snippet_seconds
+        texts = [dataclasses.replace(t, evidence=_clip_spans(t.evidence, start, length)) for t in texts]
         return storage.clip_example(clip.video, clip.audio, clip.num_snippets, clip.audio_missing, source, texts)
+
+
+def _clip_spans(spans, start: float, length: float) -> tuple[tuple[float, float], ...]:
+    """Spans in seconds of the file -> seconds from the first frame of its clip (`start` to `start +
+    length`), cut to the clip. A span wholly outside it is left out: its text is kept (the answer
+    may still be right), only not located in what is stored."""
+    cut = ((max(a - start, 0.0), min(b - start, length)) for a, b in spans)
+    return tuple((a, b) for a, b in cut if a < b)
 
 
 travel_by_value(__name__)

@@ -116,11 +116,12 @@ class Builder(FileCodePath, ClipSplits, tfds.core.GeneratorBasedBuilder):
     With `--beam_pipeline_options=...` the runs of clips are made on Apache Beam (`data/builders/splits.py`).
     """
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("2.1.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "tiny: 4 questions per training clip (was 1).",
                      "2.0.0": "One example per clip holding all its questions (was one per question, each with its "
-                              "own copy of the clip); frames stored as PNG/JPEG images, audio as int16."}
+                              "own copy of the clip); frames stored as PNG/JPEG images, audio as int16.",
+                     "2.1.0": "Each question's evidence: the time spans its answer rests on (`synthetic.evidence`)."}
     BUILDER_CONFIGS = _configs()
     builder_config_cls = SyntheticAvqaConfig
 
@@ -155,7 +156,9 @@ class _Maker:
         """The clip's questions: one on evaluation splits, `train_questions_per_clip` on train. `line`
         numbers them within the clip (from 1), for the build report."""
         extra = self.cfg.train_questions_per_clip - 1 if split == "train" else 0
-        return [Text(q.question, q.answer, "qa", q.question_type, line=j + 1)
+        seconds = self.spec.snippet_seconds
+        return [Text(q.question, q.answer, "qa", q.question_type, line=j + 1,
+                     evidence=tuple((a * seconds, b * seconds) for a, b in synthetic.evidence(q)))
                 for j, q in enumerate([qa, *synthetic.extra_questions(self.cfg.seed, split, index, qa, extra)])]
 
     def __call__(self, item: tuple[str, Sequence[int]]) -> list:

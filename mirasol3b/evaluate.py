@@ -319,7 +319,8 @@ def evaluate(config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh 
                             streaming_path=streaming_path, report_dir=report_dir))
     return {"split": split, **({"max_batches": max_batches} if max_batches else {}),
             **({"path": "streaming"} if streaming_path else {}),
-            "decode": decode_settings(decode, config.seed), "numerics": numerics(config), **metrics}
+            "decode": decode_settings(decode, config.seed), "numerics": numerics(config),
+            "evidence": config.eval.evidence, **metrics}
 
 
 def numerics(config: ml_collections.ConfigDict) -> dict:

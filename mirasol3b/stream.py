@@ -5,9 +5,10 @@
 SRC is a file (read as fast as it decodes; `--realtime`: as fast as it plays), `-` (a pipe, such as
 `ffmpeg ... -f mpegts -`), or any URL or device PyAV opens (rtsp://, http://, /dev/video0). The
 stream is encoded once, a snippet at a time (`streaming.Stream`); every `--every` seconds of stream
-time each question is asked again, and its answer is printed with the stream time it refers to:
+time each question is asked again, and its answer is printed with the stream time it refers to and
+its evidence (`mirasol3b/evidence.py`, from what the stream holds; not with config.eval.evidence "off"):
 
-    [   4.00 s] what colour is the shape? -> red
+    [   4.00 s] what colour is the shape? -> red   (evidence: 3.00–4.00 s (0.91))
 
 Lines typed on stdin while it runs (when stdin is not the source) are asked at the next snippet.
 When the source ends, each question is answered once more at its end. A source that stalls or turns
@@ -26,6 +27,7 @@ import numpy as np
 from absl import flags
 
 from mirasol3b import cli, errors, evaluate, sharding, streaming
+from mirasol3b.answer import describe_evidence
 from mirasol3b.model import Mirasol3B
 from mirasol3b.train import restore
 
@@ -59,7 +61,13 @@ class Asker:
                                                 self.bos, self.pad)
         tokens = np.asarray(self.stream.ask(prompts, lengths, self.decode)["tokens"])
         text = self.vocab.decode(tokens[0].tolist())
-        print(f"[{at:8.2f} s] {question} -> {text}", flush=True)
+        where = ""
+        if self.config.eval.evidence != "off":  # from what the stream holds: the "context" level
+            found = self.stream.evidence(prompts, lengths, tokens, eos_id=self.decode.eos_id)
+            record = evaluate.evidence_record(found["scores"][0], found["memory_share"][0],
+                                              np.ones(self.stream.pushed, bool), evaluate.snippet_seconds(self.config))
+            where = f"   ({describe_evidence(record)})"
+        print(f"[{at:8.2f} s] {question} -> {text}{where}", flush=True)
         return text
 
 

@@ -420,21 +420,29 @@ def test_builtin_task_names_follow_the_builders_configs():
 
 
 def test_per_text_gives_each_text_of_a_clip_once_with_the_clips_media():
-    """A stored clip example (data/spec.py: texts, int16 audio) -> one example per text."""
+    """A stored clip example (data/spec.py: texts, evidence, int16 audio) -> one example per text, with
+    its own evidence spans."""
     texts = [{"prompt": ["what?", "where?", "who?"], "answer": ["a", "b", "c"], "kind": ["qa"] * 3,
               "question_type": ["what", "where", "who"]},
              {"prompt": ["describe the video."], "answer": ["a cat"], "kind": ["caption"], "question_type": [""]}]
     rng = np.random.default_rng(0)
+    evidence = [{"text": np.array([2, 0, 2], np.int32), "start": np.array([0.0, 0.25, 0.5], np.float32),
+                 "end": np.array([0.25, 0.5, 1.0], np.float32)},
+                {k: np.zeros([0], np.int32 if k == "text" else np.float32) for k in ("text", "start", "end")}]
     clips = [{"video": rng.integers(0, 256, (2 * n, SIZE, SIZE, 3), dtype=np.uint8),
               "audio": rng.integers(-32768, 32768, (n * SAMPLES_PER_SNIPPET,), dtype=np.int16),
-              "num_snippets": np.int32(n), "audio_missing": False, "source": f"clip{n}", "texts": t}
-             for n, t in zip((1, 2), texts)]
+              "num_snippets": np.int32(n), "audio_missing": False, "source": f"clip{n}", "texts": t, "evidence": e}
+             for n, t, e in zip((1, 2), texts, evidence)]
     ds = tf.data.Dataset.from_generator(lambda: iter(clips), output_signature={
         "video": tf.TensorSpec([None, SIZE, SIZE, 3], tf.uint8), "audio": tf.TensorSpec([None], tf.int16),
         "num_snippets": tf.TensorSpec([], tf.int32), "audio_missing": tf.TensorSpec([], tf.bool),
         "source": tf.TensorSpec([], tf.string),
-        "texts": {k: tf.TensorSpec([None], tf.string) for k in texts[0]}})
+        "texts": {k: tf.TensorSpec([None], tf.string) for k in texts[0]},
+        "evidence": {"text": tf.TensorSpec([None], tf.int32), "start": tf.TensorSpec([None], tf.float32),
+                     "end": tf.TensorSpec([None], tf.float32)}})
     out = list(tasks.per_text(ds).as_numpy_iterator())
+    spans = [e["evidence"].tolist() for e in out]
+    assert spans == [[[0.25, 0.5]], [], [[0.0, 0.25], [0.5, 1.0]], []]
     assert [e["prompt"].decode() for e in out] == ["what?", "where?", "who?", "describe the video."]
     assert [e["kind"].decode() for e in out] == ["qa"] * 3 + ["caption"]
     assert [e["source"].decode() for e in out] == ["clip1"] * 3 + ["clip2"]
@@ -444,6 +452,8 @@ def test_per_text_gives_each_text_of_a_clip_once_with_the_clips_media():
         assert e["audio"].dtype == np.float32 and np.abs(e["audio"]).max() <= 32768 / 32767
         np.testing.assert_allclose(e["audio"] * 32767, clip["audio"].astype(np.float32), atol=1e-2)
         assert "texts" not in e
+    assert pipeline.parse_evidence("0.2500:0.7500 1.0000:1.2500") == ((0.25, 0.75), (1.0, 1.25))
+    assert pipeline.parse_evidence("") == ()
 
 
 def test_a_dataset_built_in_an_older_layout_is_refused_naming_the_version_and_the_rebuild(tmp_path):
@@ -454,4 +464,9 @@ def test_a_dataset_built_in_an_older_layout_is_refused_naming_the_version_and_th
             r"synthetic_avqa/tiny_smoke in .* is version 1\.1\.0, and this release reads "
             + tasks.SYNTHETIC_AVQA_VERSION.replace(".", r"\.") + r" \(versions before .* one example per text.*"
             r"Rebuild it: `tfds build data/builders/synthetic_avqa --config=tiny_smoke --data_dir=" + str(tmp_path))):
+        pipeline.make_input_iterator(make_config(task="synthetic_avqa_tiny_smoke", tfds_data_dir=str(tmp_path)))
+    (tmp_path / "synthetic_avqa" / "tiny_smoke" / "2.0.0").mkdir()
+    (tmp_path / "synthetic_avqa" / "tiny_smoke" / "2.0.0" / "dataset_info.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"is version 1\.1\.0, 2\.0\.0, .*versions before 2\.1\.0 have no "
+                                                r"evidence spans"):
         pipeline.make_input_iterator(make_config(task="synthetic_avqa_tiny_smoke", tfds_data_dir=str(tmp_path)))

@@ -236,6 +236,8 @@ def test_checkpoint_to_evaluate_and_answer(tmp_path):
     assert beam == {"method": "beam", "max_new_tokens": 32, "beam_size": 3, "length_penalty": 0.0}
     sample = evaluate.decode_settings(decoding.DecodeConfig(method="sample", top_k=5), seed=7)
     assert sample["seed"] == 7 and sample["top_k"] == 5
+    latents = logs.write_metrics(str(tmp_path), {"step": 5, "split": "validation", "evidence": "latents"})
+    assert latents.name == "eval_validation_step5_evidence-latents.json"
     for decode, name in ((beam, "eval_validation_step5_beam3.json"), (sample, "eval_validation_step5_sample.json")):
         written = logs.write_metrics(str(tmp_path), {"step": 5, "split": "validation", "decode": decode})
         assert written.name == name and json.loads(written.read_text())["decode"] == decode
@@ -309,7 +311,12 @@ def test_the_streaming_path_answers_as_the_whole_clip_does(tmp_path):
     np.testing.assert_allclose([r["snippet_scores"] for r in streamed], [r["snippet_scores"] for r in offline],
                                atol=2e-4)
     np.testing.assert_allclose([r["memory_share"] for r in streamed], [r["memory_share"] for r in offline], atol=2e-4)
-    metrics = evaluate.evaluate(cfg, params, max_batches=1, streaming_path=True)
+    metrics = evaluate.evaluate(cfg, params, max_batches=1, streaming_path=True, report_dir=str(tmp_path / "pages"))
     assert metrics["path"] == "streaming"
+    # --report_dir: a page (and its PNG) per right and wrong answer, up to REPORTS_PER_OUTCOME each.
+    right = sum(evaluate.normalize_answer(r["prediction"]) == evaluate.normalize_answer(r["reference"]) for r in streamed)
+    expected = [f"right_{i}" for i in range(min(right, 3))] + [f"wrong_{i}" for i in range(min(len(streamed) - right, 3))]
+    assert sorted(p.stem for p in (tmp_path / "pages").glob("*.html")) == expected
+    assert sorted(p.stem for p in (tmp_path / "pages").glob("*.png")) == expected
     written = logs.write_metrics(str(tmp_path), {"step": 3, **metrics})
     assert written.name == "eval_validation_step3_streaming_first1batches.json"

@@ -155,6 +155,7 @@ def test_stream_cli_prints_timed_answers_and_reports_a_stall(tmp_path):
     asked = [line for line in lines if "what plays? ->" in line]
     assert [line.split("]")[0] for line in asked] == [f"[{t:8.2f} s" for t in (0.5, 1.0, 1.5, 2.0)], out
     assert any("which colour? ->" in line for line in lines), out
+    assert all("   (evidence: " in line and " s (" in line for line in asked), out  # a span with its score
     assert "the stream ended at 2.00 s" in err
     stalled.wait(timeout=300)  # not communicate(): it would close stdin, and the stream would end instead
     out, err = stalled.stdout.read().decode(), stalled.stderr.read().decode()

@@ -89,10 +89,12 @@ def write_metrics(workdir: epath.PathLike, metrics: dict, trained_numerics: dict
     answers generated otherwise than greedily add `_beam<K>` or `_sample` to the name (through a
     stream `_streaming`), dtypes other
     than `trained_numerics` (the training run's `numerics`) `_<field>-<dtype>`, and a partial
-    evaluation (`max_batches` K) `_first<K>batches`, so none replaces training's own."""
+    evaluation (`max_batches` K) `_first<K>batches`, evidence other than the default level
+    (`"evidence"`, mirasol3b/evidence.py) `_evidence-<level>`, so none replaces training's own."""
     decode = metrics.get("decode") or {}
     how = {"beam": f"_beam{decode.get('beam_size')}", "sample": "_sample"}.get(decode.get("method"), "")
     how += "_streaming" if metrics.get("path") == "streaming" else ""
+    how += f"_evidence-{metrics['evidence']}" if metrics.get("evidence", "context") != "context" else ""
     here, trained = metrics.get("numerics") or {}, trained_numerics or {}
     how += "".join(f"_{k}-{v}" for k, v in here.items() if k in trained and trained[k] != v)
     partial = f"_first{metrics['max_batches']}batches" if metrics.get("max_batches") else ""

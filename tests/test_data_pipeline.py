@@ -337,12 +337,13 @@ def test_eval_rows_carry_their_metadata_and_train_batches_stay_numeric():
     for batch in batches:
         for r in range(4):
             if not batch["example_valid"][r]:
-                assert [batch[k][r] for k in pipeline.EVAL_METADATA] == ["", "", ""]
+                assert [batch[k][r] for k in pipeline.EVAL_METADATA] == ["", "", "", ()]  # () : no evidence spans
                 continue
             i = int(ids(batch, valid_only=False)[r][1:])  # "l<i>"
             scored = batch["text_targets"][r][batch["text_loss_weights"][r] > 0]
             assert batch["answer_text"][r] == VOCAB.decode(scored.tolist()) == f"answer {i % 7}"
             assert batch["kind"][r] == "qa" and batch["question_type"][r] == ""  # the source has no type
+            assert batch["evidence"][r] == ()  # nor evidence spans
     assert batches[-1]["answer_text"].dtype == object and not batches[-1]["example_valid"][3]
     assert set(pipeline.drop_metadata(batches[0])) == set(batches[0]) - set(pipeline.EVAL_METADATA)
     train = next(pipeline.make_input_iterator(cfg, "train", 0, 1))

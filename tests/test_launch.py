@@ -576,7 +576,9 @@ def test_a_retried_ssh_follows_the_job_it_started_instead_of_starting_it_again(f
 
 def test_a_new_launch_refuses_while_a_job_runs_and_leaves_its_code(fake):
     first = fake.run("--tpu", "t", "--zone", "z", "--log-dir", str(fake.tmp / "first"), "--", sys.executable, "-c",
-                     SLOW, workers=2, SLEEP="60", FAKE_GCLOUD_DROP_AFTER="1")
+                     SLOW, workers=2, SLEEP="600", FAKE_GCLOUD_DROP_AFTER="1")
+    # 600 s: the job must outlive the next launch's check, which under the whole suite's load came
+    # after 60 s (twice); it is stopped below, so the test does not wait for it.
     assert first.returncode == 255  # the connection went; the job goes on
     job = fake.home(1) / "tpu_run_logs" / "first"
     try:

@@ -2,10 +2,11 @@
 answer, the spans, NExT-GQA's IoU/IoP, and that evidence shuffled across questions scores as a
 random span does."""
 
+import jax
 import numpy as np
 import pytest
 
-from mirasol3b import evidence, grounding
+from mirasol3b import decoding, evidence, grounding
 from mirasol3b_data import synthetic
 
 from test_streaming import clip, init, make_config
@@ -99,5 +100,13 @@ def test_context_evidence_reads_only_what_the_decoder_reads_and_latent_evidence_
     assert np.all(np.asarray(context["scores"])[~read] == 0) and np.all(np.asarray(context["scores"])[read] > 0)
     # Through the time-aligned model the unread early snippets reach the answer too.
     assert np.all(np.asarray(latents["scores"])[mask & ~read] > 0)
+    # Whatever decoded the answer: greedy's and beam search's tokens both get a distribution over the
+    # snippets read (each the gradient of its own tokens' log-probability).
+    for method in (decoding.DecodeConfig(max_new_tokens=4), decoding.DecodeConfig(method="beam", beam_size=3,
+                                                                                  max_new_tokens=4)):
+        generated = decoding.make_generate_fn(model, method)(params, batch, jax.random.key(0))["tokens"]
+        found = np.asarray(evidence.make_evidence_fn(model, method.eos_id, "context")(params, batch, generated)["scores"])
+        np.testing.assert_allclose(found.sum(1), 1.0, rtol=1e-5)
+        assert np.all(found[~read] == 0)
     with pytest.raises(ValueError, match="evidence level must be one of"):
         evidence.make_evidence_fn(model, 1, "attention")

@@ -132,7 +132,9 @@ _EVIDENCE_FNS: dict = {}
 
 
 def snippet_seconds(config: ml_collections.ConfigDict) -> float:
-    return config.model.video.snippet_frames / config.model.video.fps
+    from mirasol3b_data.spec import MediaSpec
+
+    return MediaSpec.from_config(config).snippet_seconds
 
 
 def evidence_scores(config: ml_collections.ConfigDict, params, batch: dict, tokens: np.ndarray,

@@ -120,8 +120,9 @@ FIELDS: dict[str, Any] = {
         # at most 0.5: with two modalities, each may be the one hidden.
         "modality_dropout": Field(0.0, _number(0.0, 0.5)),
         "combiner": Field("transformer", _one_of("transformer", "ttm")),
-        # Transformer Combiner outputs read every modality ("joint") or output j reads modality
-        # j % 2 only ("per_modality"; the media tokens still attend across modalities).
+        # Combiner outputs read every modality ("joint") or output j reads modality j % 2 only
+        # ("per_modality"; in the Transformer Combiner the media tokens still attend across
+        # modalities; in the TTM the memory slots are written per modality too).
         "combiner_readout": Field("joint", _one_of("joint", "per_modality")),
         # The Transformer Combiner's last layer computes its m outputs only (the same values; ~70% less
         # work in that layer). False: every token through every layer, then the last m are kept.
@@ -145,7 +146,10 @@ FIELDS: dict[str, Any] = {
         "video_encoder": _stack(64, 1, 2, 128),
         "audio_encoder": _stack(64, 1, 2, 128),
         "combiner_transformer": _stack(64, 1, 2, 128),
-        "ttm": {"memory_size": Field(8, _pos_int), "token_learner_hidden": Field(64, _pos_int)},
+        "ttm": {"memory_size": Field(8, _pos_int), "token_learner_hidden": Field(64, _pos_int),
+                # "replace": the paper's write (the memory is what TokenLearner selects); "gated": a
+                # learnt update gate between the old memory and that selection (combiner/ttm.py).
+                "write": Field("replace", _one_of("replace", "gated"))},
         "time_aligned": _stack(
             64, 1, 2, 128,
             # Snippets each snippet attends to (itself and the window - 1 before it; 0 = all earlier
@@ -345,9 +349,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.attention_impl != "cudnn" or fused_attention_fits(m.dtype, m.dropout_rate), "model.attention_impl",
              "'xla' unless model.dtype is bfloat16/float16 and model.dropout_rate is 0 (cuDNN's fused kernel)",
              m.attention_impl)
-    _require(m.combiner_readout == "joint" or m.combiner == "transformer", "model.combiner_readout",
-             "'joint' with model.combiner 'ttm' (the TTM Combiner reads its outputs through TokenLearner; "
-             "'per_modality' is the Transformer Combiner's)", m.combiner_readout)
     _require(not m.text_decoder.read_memory or m.combiner == "ttm", "model.text_decoder.read_memory",
              "False unless model.combiner is 'ttm' (only the TTM Combiner has a memory)", m.text_decoder.read_memory)
     _require(m.time_aligned.causal or m.time_aligned.window == 0, "model.time_aligned.window",

@@ -64,6 +64,11 @@ def normalize_answer(s: str) -> str:
     return " ".join(_ARTICLES.sub(" ", s).split())
 
 
+def is_right(prediction: str, reference: str) -> bool:
+    """Exact match after `normalize_answer`: the verdict every metric and report page uses."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
 # ---- generation -------------------------------------------------------------------------------
 
 def decode_config(config: ml_collections.ConfigDict) -> decoding.DecodeConfig:
@@ -233,7 +238,7 @@ REPORTS_PER_OUTCOME = 3
 
 def _maybe_report(config, batch: dict, r: int, record: dict, report_dir: str, written: collections.Counter) -> None:
     """Writes row `r`'s page as `{right,wrong}_<n>.html` while fewer than `REPORTS_PER_OUTCOME` of its kind are."""
-    outcome = "right" if normalize_answer(record["prediction"]) == normalize_answer(record["reference"]) else "wrong"
+    outcome = "right" if is_right(record["prediction"], record["reference"]) else "wrong"
     if written[outcome] >= REPORTS_PER_OUTCOME:
         return
     path = os.path.join(report_dir, f"{outcome}_{written[outcome]}.html")
@@ -254,7 +259,7 @@ def write_report_page(config: ml_collections.ConfigDict, video: np.ndarray, audi
     snippets = int(np.asarray(media_mask).sum())
     frames, samples = snippets * config.model.video.snippet_frames, snippets * samples_per_snippet(config.model)
     answer = result["answer"] if "answer" in result else result["prediction"]
-    right = None if reference is None else normalize_answer(answer) == normalize_answer(reference)
+    right = None if reference is None else is_right(answer, reference)
     return report.write_report(
         path, frames=np.asarray(video[:frames]), audio=np.asarray(audio[:samples]), fps=config.model.video.fps,
         sample_rate=config.model.audio.sample_rate, snippet_seconds=snippet_seconds(config),
@@ -280,7 +285,7 @@ def _accuracy(hits: list[bool]) -> float | None:
 
 def score(records: list[dict]) -> dict:
     """The metrics of the module docstring from `predict`'s records."""
-    hit = [normalize_answer(r["prediction"]) == normalize_answer(r["reference"]) for r in records]
+    hit = [is_right(r["prediction"], r["reference"]) for r in records]
     out = {"num_examples": len(records), "exact_match": _accuracy(hit)}
     by_type = collections.defaultdict(list)
     for r, h in zip(records, hit):

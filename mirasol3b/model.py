@@ -84,15 +84,16 @@ class Mirasol3B(nn.Module):
         self.fusion = ModalityFusion(combiner_spec.width, modality_dropout=c.modality_dropout,
                                      dtype=combiner_spec.compute_dtype,
                                      param_dtype=combiner_spec.weight_dtype)
+        segments = None
+        if c.combiner_readout == "per_modality" and c.use_video and c.use_audio:
+            segments = tuple(tokens_per_snippet(c)[name] for name in sorted(MODALITIES))
         if c.combiner == "transformer":
-            segments = None
-            if c.combiner_readout == "per_modality" and c.use_video and c.use_audio:
-                segments = tuple(tokens_per_snippet(c)[name] for name in sorted(MODALITIES))
             self.combiner = TransformerCombiner(combiner_spec, num_outputs=c.num_latents, segment_sizes=segments,
                                                 outputs_only=c.combiner_outputs_only)
         elif c.combiner == "ttm":
             self.combiner = TTMCombiner(combiner_spec, num_outputs=c.num_latents, memory_size=c.ttm.memory_size,
-                                        token_learner_hidden=c.ttm.token_learner_hidden)
+                                        token_learner_hidden=c.ttm.token_learner_hidden, segment_sizes=segments,
+                                        write=c.ttm.write)
         else:
             raise ValueError(f"model.combiner must be one of {COMBINERS}, got {c.combiner!r}")
         self.time_aligned = TimeAlignedModel(stack_spec(c, "time_aligned"), window=c.time_aligned.window,

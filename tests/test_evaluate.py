@@ -314,7 +314,7 @@ def test_the_streaming_path_answers_as_the_whole_clip_does(tmp_path):
     metrics = evaluate.evaluate(cfg, params, max_batches=1, streaming_path=True, report_dir=str(tmp_path / "pages"))
     assert metrics["path"] == "streaming"
     # --report_dir: a page (and its PNG) per right and wrong answer, up to REPORTS_PER_OUTCOME each.
-    right = sum(evaluate.normalize_answer(r["prediction"]) == evaluate.normalize_answer(r["reference"]) for r in streamed)
+    right = sum(evaluate.is_right(r["prediction"], r["reference"]) for r in streamed)
     expected = [f"right_{i}" for i in range(min(right, 3))] + [f"wrong_{i}" for i in range(min(len(streamed) - right, 3))]
     assert sorted(p.stem for p in (tmp_path / "pages").glob("*.html")) == expected
     assert sorted(p.stem for p in (tmp_path / "pages").glob("*.png")) == expected

@@ -25,7 +25,8 @@ from ml_collections import config_flags
 
 from configs import tiny
 from mirasol3b import configlib, losses, sharding
-from mirasol3b.combiner import ModalityFusion, TransformerCombiner, TTMCombiner
+from mirasol3b.combiner import ModalityFusion, TokenLearner, TransformerCombiner, TTMCombiner
+from mirasol3b.combiner.ttm import selection_mask
 from mirasol3b.encoders.audio import AudioEncoder
 from mirasol3b.encoders.spectrogram import log_mel_spectrogram
 from mirasol3b.encoders.video import VideoEncoder
@@ -222,6 +223,45 @@ def test_ttm_memory_carries_information_across_snippets():
             else:
                 _close(out["latents"][:, later], base["latents"][:, later])
 
+
+
+def test_token_learner_mask_decides_which_inputs_each_output_selects():
+    """With the TTM's per-modality mask (memory shared, then two modalities), output j changes when a
+    token it may select changes, and never otherwise."""
+    rng = np.random.default_rng(0)
+    sources = jnp.asarray([-1, -1, 0, 0, 0, 1, 1])  # 2 memory slots, 3 audio tokens, 2 video tokens
+    mask = selection_mask(sources, 4, 2)
+    np.testing.assert_array_equal(np.asarray(mask[:, 0]), [True, True, True, True, True, False, False])
+    learner = TokenLearner(4, 16)
+    x = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+    params = learner.init(jax.random.key(0), x, mask)
+    base = learner.apply(params, x, mask)
+    chex.assert_shape(base, (2, 4, 8))
+    for i in range(7):
+        out = learner.apply(params, x.at[:, i].add(1.0), mask)
+        for j in range(4):
+            (_differ if mask[i, j] else _close)(out[:, j], base[:, j])
+
+
+def test_gated_ttm_write_interpolates_between_keeping_and_replacing_the_memory():
+    """The gated write's gate forced shut keeps the memory it was given over every snippet; forced
+    open it gives the paper's write ("replace", same weights) exactly."""
+    cfg = make_config("ttm")
+    spec, width = stack_spec(cfg.model, "combiner_transformer"), cfg.model.combiner_transformer.width
+    fields = dict(num_outputs=4, memory_size=3, token_learner_hidden=16)
+    gated, replace = TTMCombiner(spec, write="gated", **fields), TTMCombiner(spec, **fields)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.normal(size=(2, 3, 5, width)), jnp.float32)
+    memory = jnp.asarray(rng.normal(size=(2, 3, width)), jnp.float32)
+    params = nn.unbox(gated.init(jax.random.key(0), tokens, memory=memory))["params"]
+
+    def run(model, params):
+        return model.apply({"params": params}, tokens, memory=memory, return_memory=True)
+    replace_params = {"step": {k: v for k, v in params["step"].items() if k not in ("gate", "gate_norm")}}
+    for bias, expected in ((-1e4, memory), (1e4, run(replace, replace_params)[1])):
+        step = dict(params["step"], gate={**params["step"]["gate"], "bias": jnp.full((width,), bias)})
+        _close(run(gated, {"step": step})[1], expected)
+    _differ(run(gated, params)[1], memory)  # at its initial gate it writes
 
 
 @pytest.mark.parametrize("readout", ["joint", "per_modality"])
@@ -730,7 +770,7 @@ BAD_CONFIGS = {
     "modality_dropout_over_half": (_set("model.modality_dropout", 0.6), "model.modality_dropout"),
     "unknown_attention_impl": (_set("model.attention_impl", "flash"), "model.attention_impl"),
     "cudnn_attention_in_float32": (_set("model.attention_impl", "cudnn"), "model.attention_impl"),  # tiny is f32
-    "per_modality_readout_with_ttm": (_set("model.combiner", "ttm"), "model.combiner_readout"),  # tiny: per_modality
+    "unknown_ttm_write": (_set("model.ttm.write", "erase_add"), "model.ttm.write"),
     # tiny warms up for 100 steps: a 100-step run would leave the cosine decay no step (optax refuses).
     "all_warmup": (_set("train.num_steps", 100), "train.warmup_steps"),
     "microbatches_not_dividing_batch": (_set("train.microbatches", 3), "train.microbatches"),  # tiny: batch 32

@@ -5,6 +5,12 @@ One step, memory M (memory_size tokens), this snippet's tokens I:
   process  O  = transformer(Z)          -> the snippet's m combined tokens
   write    M' = TokenLearner_mem([M | I | O])
 The memory starts at zeros and flows from snippet t to t+1 only, so outputs stay causal in time.
+
+Two options of ours (docs/streaming.md "Long clips" has what they are for and what they measured):
+`segment_sizes` (per-modality read and write: output j and memory slot j select from the memory
+and modality j % n's tokens, slot j also from the outputs of that modality, rather than from all
+tokens), and `write="gated"`: M' = M + g * (TokenLearner_mem(...) - M), a learnt per-channel
+update gate, rather than the paper's M' = TokenLearner_mem(...).
 """
 
 from __future__ import annotations
@@ -14,7 +20,20 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mirasol3b.combiner.token_learner import TokenLearner
-from mirasol3b.layers import LearnedPositions, TransformerSpec, TransformerStack
+from mirasol3b.layers import LayerNorm, LearnedPositions, TransformerSpec, TransformerStack
+from mirasol3b.layers.projection import dense
+
+WRITES = ("replace", "gated")
+# The update gate starts mostly shut, sigmoid(-2) = 0.12, as an LSTM's forget gate starts open: the
+# memory holds by default and learns when to take a new event in.
+_GATE_OFFSET = -2.0
+
+
+def selection_mask(sources: jax.Array, num_readers: int, num_segments: int) -> jax.Array:
+    """bool `[tokens, num_readers]`: reader j may select token i when `sources[i]` is -1 (shared: the
+    memory) or `j % num_segments`."""
+    reads = jnp.arange(num_readers) % num_segments
+    return (sources[:, None] < 0) | (sources[:, None] == reads[None, :])
 
 
 class _TTMStep(nn.Module):
@@ -25,6 +44,8 @@ class _TTMStep(nn.Module):
     num_outputs: int
     memory_size: int
     token_learner_hidden: int
+    segment_sizes: tuple[int, ...] | None = None
+    write: str = "replace"
     deterministic: bool = True
 
     @nn.compact
@@ -35,14 +56,31 @@ class _TTMStep(nn.Module):
                                                param_dtype=s.weight_dtype, name=name)
         positions = lambda n, name: LearnedPositions(n, param_dtype=s.weight_dtype, name=name)  # noqa: E731
 
+        read_mask = write_mask = None
+        if self.segment_sizes is not None:
+            n = len(self.segment_sizes)
+            token_sources = jnp.concatenate([jnp.full((size,), i) for i, size in enumerate(self.segment_sizes)])
+            memory_sources = jnp.full((self.memory_size,), -1)
+            read_mask = selection_mask(jnp.concatenate([memory_sources, token_sources]), self.num_outputs, n)
+            write_sources = jnp.concatenate([memory_sources, token_sources, jnp.arange(self.num_outputs) % n])
+            write_mask = selection_mask(write_sources, self.memory_size, n)
+
         read_in = jnp.concatenate([memory, tokens], axis=1)
         read_in = positions(read_in.shape[1], "read_positions")(read_in)
-        z = learner(self.num_outputs, "read")(read_in, deterministic=self.deterministic)
+        z = learner(self.num_outputs, "read")(read_in, read_mask, deterministic=self.deterministic)
         out = TransformerStack(s, name="process")(z, deterministic=self.deterministic)
 
         write_in = jnp.concatenate([memory, tokens, out], axis=1)
         write_in = positions(write_in.shape[1], "write_positions")(write_in)
-        new_memory = learner(self.memory_size, "write")(write_in, deterministic=self.deterministic)
+        new_memory = learner(self.memory_size, "write")(write_in, write_mask, deterministic=self.deterministic)
+        if self.write == "gated":
+            both = LayerNorm(dtype=s.compute_dtype, param_dtype=s.weight_dtype, name="gate_norm")(
+                jnp.concatenate([memory, new_memory], axis=-1))
+            gate = jax.nn.sigmoid(dense(memory.shape[-1], ("embed", "mlp"), s.compute_dtype, s.weight_dtype,
+                                        "gate")(both) + _GATE_OFFSET)
+            new_memory = memory + gate * (new_memory - memory)
+        elif self.write != "replace":
+            raise ValueError(f"write must be one of {WRITES}, got {self.write!r}")
         # A padded snippet leaves the memory as it was.
         new_memory = jnp.where(valid[:, None, None], new_memory, memory)
         return new_memory, out
@@ -66,6 +104,10 @@ class TTMCombiner(nn.Module):
     num_outputs: int
     memory_size: int
     token_learner_hidden: int
+    # Token counts of the modalities in the order they are concatenated: per-modality read and write
+    # (see the module docstring). None: every output and memory slot selects from all tokens.
+    segment_sizes: tuple[int, ...] | None = None
+    write: str = "replace"  # one of WRITES
 
     @nn.compact
     def __call__(self, tokens: jax.Array, media_mask: jax.Array | None = None, *, memory: jax.Array | None = None,
@@ -74,7 +116,8 @@ class TTMCombiner(nn.Module):
         if media_mask is None:
             media_mask = jnp.ones((b, t), bool)
         step_fields = dict(spec=self.spec, num_outputs=self.num_outputs, memory_size=self.memory_size,
-                           token_learner_hidden=self.token_learner_hidden, deterministic=deterministic)
+                           token_learner_hidden=self.token_learner_hidden, segment_sizes=self.segment_sizes,
+                           write=self.write, deterministic=deterministic)
         if memory is None:
             memory = self.initial_memory(b, tokens.shape[-1], tokens.dtype)
         valid = media_mask.astype(bool)

@@ -149,7 +149,11 @@ FIELDS: dict[str, Any] = {
         "ttm": {"memory_size": Field(8, _pos_int), "token_learner_hidden": Field(64, _pos_int),
                 # "replace": the paper's write (the memory is what TokenLearner selects); "gated": a
                 # learnt update gate between the old memory and that selection (combiner/ttm.py).
-                "write": Field("replace", _one_of("replace", "gated"))},
+                "write": Field("replace", _one_of("replace", "gated")),
+                # Add each snippet's index (sinusoidal, no parameters) to its tokens before the
+                # memory reads and writes them, so the memory can record when (the paper's TTM has
+                # no time: only an order it must infer).
+                "snippet_positions": Field(False, _bool)},
         "time_aligned": _stack(
             64, 1, 2, 128,
             # Snippets each snippet attends to (itself and the window - 1 before it; 0 = all earlier

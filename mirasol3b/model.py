@@ -93,7 +93,7 @@ class Mirasol3B(nn.Module):
         elif c.combiner == "ttm":
             self.combiner = TTMCombiner(combiner_spec, num_outputs=c.num_latents, memory_size=c.ttm.memory_size,
                                         token_learner_hidden=c.ttm.token_learner_hidden, segment_sizes=segments,
-                                        write=c.ttm.write)
+                                        write=c.ttm.write, snippet_positions=c.ttm.snippet_positions)
         else:
             raise ValueError(f"model.combiner must be one of {COMBINERS}, got {c.combiner!r}")
         self.time_aligned = TimeAlignedModel(stack_spec(c, "time_aligned"), window=c.time_aligned.window,
@@ -120,10 +120,12 @@ class Mirasol3B(nn.Module):
                 "media_token_mask": media_token_mask}
 
     def combine(self, video: jax.Array | None, audio: jax.Array | None, media_mask: jax.Array, *,
-                memory: jax.Array | None = None, train: bool = False) -> tuple[jax.Array, jax.Array | None]:
+                memory: jax.Array | None = None, first_snippet: jax.Array | int = 0,
+                train: bool = False) -> tuple[jax.Array, jax.Array | None]:
         """Encoders and Combiner: (`latents [batch, snippets, m, width]`, the TTM memory after the
         last snippet `[batch, memory_size, width]` or None). `memory`: the TTM memory before the
-        first snippet (default zeros), for a stream carried from its last call."""
+        first snippet (default zeros), and `first_snippet` that snippet's index, for a stream
+        carried from its last call."""
         c = self.config
         tokens = {}
         if c.use_video:
@@ -132,7 +134,8 @@ class Mirasol3B(nn.Module):
             tokens["audio"] = self.audio_encoder(audio, deterministic=not train)
         fused = self.fusion(tokens, deterministic=not train)
         if c.combiner == "ttm":
-            return self.combiner(fused, media_mask, memory=memory, return_memory=True, deterministic=not train)
+            return self.combiner(fused, media_mask, memory=memory, first_snippet=first_snippet, return_memory=True,
+                                 deterministic=not train)
         return self.combiner(fused, media_mask, deterministic=not train), None
 
     def decoder_context(self, features: jax.Array, media_mask: jax.Array,

@@ -135,9 +135,9 @@ class Stream:
 
     def _push_fn(self, params, state: StreamState, video, audio, valid):
         model, m = self.model, self.model.config.num_latents
-        latents, memory = model.apply({"params": params}, video, audio, valid[:, None], memory=state.memory,
-                                      method=Mirasol3B.combine)
         t = state.snippets
+        latents, memory = model.apply({"params": params}, video, audio, valid[:, None], memory=state.memory,
+                                      first_snippet=t, method=Mirasol3B.combine)
         slots = state.cache_valid.shape[1]
         slot = t % slots if self.layout.window else t
         cache_valid = jnp.where(jnp.arange(slots) == slot, valid[:, None], state.cache_valid)

@@ -23,9 +23,9 @@ def make_config(combiner="transformer", window=0, context="all", read_memory=Fal
             cfg.model[stack].update(width=32, depth=1, num_heads=2, mlp_dim=64)
         cfg.model.time_aligned.depth = 2  # a window's reach grows with depth: two layers test it
         cfg.model.ttm.token_learner_hidden = 16
-        if combiner == "ttm":  # configs/tiny.py:long's TTM: per-modality read and write, gated write
+        if combiner == "ttm":  # configs/tiny.py:long's TTM: per-modality, gated, with snippet positions
             cfg.model.combiner_readout = "per_modality"
-            cfg.model.ttm.write = "gated"
+            cfg.model.ttm.update(write="gated", snippet_positions=True)
         cfg.model.time_aligned.window = window
         cfg.model.text_decoder.update(context=context, recent_snippets=2, read_memory=read_memory)
     return configlib.validate(cfg)

@@ -6,11 +6,12 @@ One step, memory M (memory_size tokens), this snippet's tokens I:
   write    M' = TokenLearner_mem([M | I | O])
 The memory starts at zeros and flows from snippet t to t+1 only, so outputs stay causal in time.
 
-Two options of ours (docs/streaming.md "Long clips" has what they are for and what they measured):
+Three options of ours (docs/streaming.md "Long clips" has what they are for and what they measured):
 `segment_sizes` (per-modality read and write: output j and memory slot j select from the memory
 and modality j % n's tokens, slot j also from the outputs of that modality, rather than from all
-tokens), and `write="gated"`: M' = M + g * (TokenLearner_mem(...) - M), a learnt per-channel
-update gate, rather than the paper's M' = TokenLearner_mem(...).
+tokens); `write="gated"`: M' = M + g * (TokenLearner_mem(...) - M), a learnt per-channel update
+gate, rather than the paper's M' = TokenLearner_mem(...); and `snippet_positions`: the snippet's
+index, sinusoidal (no parameters), added to its tokens, so what is written can say when.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mirasol3b.combiner.token_learner import TokenLearner
-from mirasol3b.layers import LayerNorm, LearnedPositions, TransformerSpec, TransformerStack
+from mirasol3b.layers import LayerNorm, LearnedPositions, TransformerSpec, TransformerStack, sinusoidal
 from mirasol3b.layers.projection import dense
 
 WRITES = ("replace", "gated")
@@ -92,7 +93,8 @@ class TTMCombiner(nn.Module):
     last snippet, `[batch, memory_size, width]`.
 
     `memory` (default zeros) is the memory before the first snippet: a stream carries it from one
-    call to the next, and calls over snippets 0..t-1 then t give what one call over 0..t gives.
+    call to the next (with `first_snippet`, the index of the call's first snippet), and calls over
+    snippets 0..t-1 then t give what one call over 0..t gives.
 
     Scans over snippets; with `spec.scan_layers=False` the snippets are unrolled instead: the same
     weights for every snippet either way, but the inner stack's params then sit under
@@ -108,11 +110,14 @@ class TTMCombiner(nn.Module):
     # (see the module docstring). None: every output and memory slot selects from all tokens.
     segment_sizes: tuple[int, ...] | None = None
     write: str = "replace"  # one of WRITES
+    snippet_positions: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, media_mask: jax.Array | None = None, *, memory: jax.Array | None = None,
-                 return_memory: bool = False, deterministic: bool = True):
+                 first_snippet: jax.Array | int = 0, return_memory: bool = False, deterministic: bool = True):
         b, t = tokens.shape[:2]
+        if self.snippet_positions:  # `first_snippet`: the index of tokens[:, 0] (a stream's push count)
+            tokens = tokens + sinusoidal(first_snippet + jnp.arange(t), tokens.shape[-1])[None, :, None].astype(tokens.dtype)
         if media_mask is None:
             media_mask = jnp.ones((b, t), bool)
         step_fields = dict(spec=self.spec, num_outputs=self.num_outputs, memory_size=self.memory_size,

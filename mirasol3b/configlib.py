@@ -173,7 +173,11 @@ FIELDS: dict[str, Any] = {
             recent_snippets=Field(4, _pos_int),
             # Also the TTM Combiner's memory after the last snippet (projected to the features' width):
             # what the clip held before the recent snippets reaches the answer through it.
-            read_memory=Field(False, _bool)),
+            read_memory=Field(False, _bool),
+            # Tokens each memory slot is read as (a learnt linear expansion). A slot superposes
+            # what it holds (one slot held both shapes' colours, linearly decodable at 94-95%); as
+            # several tokens a question can attend to the one it asks about (docs/streaming.md).
+            memory_read_tokens=Field(1, _pos_int)),
     },
     # latent_loss: "contrastive" (InfoNCE over the batch) or "mse" (see mirasol3b/losses.py for why
     # contrastive is the default); normalize_latent_target applies to "mse" only.

@@ -100,8 +100,8 @@ class Mirasol3B(nn.Module):
                                              causal=c.time_aligned.causal)
         if c.text_decoder.read_memory:
             self.memory_norm = LayerNorm(dtype=combiner_spec.compute_dtype, param_dtype=combiner_spec.weight_dtype)
-            self.memory_projection = dense(c.time_aligned.width, ("embed", "mlp"), combiner_spec.compute_dtype,
-                                           combiner_spec.weight_dtype, None)
+            self.memory_projection = dense(c.text_decoder.memory_read_tokens * c.time_aligned.width, ("embed", "mlp"),
+                                           combiner_spec.compute_dtype, combiner_spec.weight_dtype, None)
         self.text_decoder = TextDecoder(stack_spec(c, "text_decoder"), vocab_size=c.vocab_size,
                                         max_length=c.text_decoder.max_length)
 
@@ -143,7 +143,7 @@ class Mirasol3B(nn.Module):
         """What the text decoder reads of `features [batch, snippets, m, width]`: (`media
         [batch, tokens, width]`, `media_token_mask [batch, tokens]`). With context "recent" only
         the last `recent_snippets` real snippets are unmasked; with `read_memory` the projected TTM
-        memory follows them."""
+        memory follows them (`memory_read_tokens` tokens per slot)."""
         c = self.config.text_decoder
         valid = media_mask.astype(bool)
         if c.context == "recent":
@@ -153,6 +153,7 @@ class Mirasol3B(nn.Module):
         mask = jnp.repeat(valid, features.shape[2], axis=1)
         if c.read_memory:
             read = self.memory_projection(self.memory_norm(memory)).astype(media.dtype)
+            read = einops.rearrange(read, "b s (k d) -> b (s k) d", k=c.memory_read_tokens)
             media = jnp.concatenate([media, read], axis=1)
             mask = jnp.concatenate([mask, jnp.ones(read.shape[:2], bool)], axis=1)
         return media, mask

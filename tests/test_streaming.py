@@ -26,6 +26,7 @@ def make_config(combiner="transformer", window=0, context="all", read_memory=Fal
         if combiner == "ttm":  # configs/tiny.py:long's TTM: per-modality, gated, with snippet positions
             cfg.model.combiner_readout = "per_modality"
             cfg.model.ttm.update(write="gated", snippet_positions=True)
+            cfg.model.text_decoder.memory_read_tokens = 2
         cfg.model.time_aligned.window = window
         cfg.model.text_decoder.update(context=context, recent_snippets=2, read_memory=read_memory)
     return configlib.validate(cfg)

@@ -23,7 +23,7 @@ def make_config(combiner="transformer", window=0, context="all", read_memory=Fal
             cfg.model[stack].update(width=32, depth=1, num_heads=2, mlp_dim=64)
         cfg.model.time_aligned.depth = 2  # a window's reach grows with depth: two layers test it
         cfg.model.ttm.token_learner_hidden = 16
-        if combiner == "ttm":  # configs/tiny.py:long's TTM: per-modality, gated, with snippet positions
+        if combiner == "ttm":  # configs/tiny.py:long's TTM options, and snippet positions
             cfg.model.combiner_readout = "per_modality"
             cfg.model.ttm.update(write="gated", snippet_positions=True)
             cfg.model.text_decoder.memory_read_tokens = 2

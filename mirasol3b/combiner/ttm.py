@@ -117,7 +117,8 @@ class TTMCombiner(nn.Module):
                  first_snippet: jax.Array | int = 0, return_memory: bool = False, deterministic: bool = True):
         b, t = tokens.shape[:2]
         if self.snippet_positions:  # `first_snippet`: the index of tokens[:, 0] (a stream's push count)
-            tokens = tokens + sinusoidal(first_snippet + jnp.arange(t), tokens.shape[-1])[None, :, None].astype(tokens.dtype)
+            when = sinusoidal(first_snippet + jnp.arange(t), tokens.shape[-1])
+            tokens = tokens + when[None, :, None].astype(tokens.dtype)
         if media_mask is None:
             media_mask = jnp.ones((b, t), bool)
         step_fields = dict(spec=self.spec, num_outputs=self.num_outputs, memory_size=self.memory_size,

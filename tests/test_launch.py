@@ -88,6 +88,16 @@ if verb == "ssh":
             try:
                 session.wait(timeout=float(drop))
             except subprocess.TimeoutExpired:
+                # ... while the job runs (SLOW's "starts" file): under the whole suite's load the
+                # remote command once took longer than DROP to start it, the hangup came first, and
+                # the retry started the job rather than following it (a CI failure of the retry test).
+                started = os.path.join(home(i), "starts")
+                deadline = time.monotonic() + 60
+                while not os.path.exists(started) and session.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if session.poll() is not None:
+                    status = status or session.returncode
+                    continue
                 os.killpg(session.pid, signal.SIGHUP)
                 session.wait()
                 print(f"Connection to worker {i} closed by remote host.", file=sys.stderr)
